@@ -1,0 +1,1 @@
+"""Turning prefect.yaml into served deployments, and the one-command local platform."""

@@ -1,0 +1,1 @@
+"""One module per runbook procedure; each flow reads like its page of the runbook."""

@@ -1,0 +1,134 @@
+"""The platform a runbook operates on, read from `RUNBOOK_*` environment variables.
+
+The same code targets the local sandbox and a real cluster: only these settings differ.
+Credentials are `SecretStr` so they never print; a missing credential is `None` and the
+runbook that needs it fails with a message naming the variable, rather than silently
+using an empty string.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AnyHttpUrl, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "RUNBOOK_"
+
+# A Kubernetes object name (RFC 1123 label): what `kubectl` would accept.
+K8S_NAME = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+
+
+class MissingSetting(RuntimeError):
+    """A runbook needs a setting (usually a credential) that is not configured."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__(f"{ENV_PREFIX}{field.upper()} is not set; this runbook needs it")
+        self.field = field
+
+
+class PlatformSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    environment: Literal["sandbox", "staging", "production"] = Field(
+        "sandbox",
+        description="Which platform this is; production turns on approvals that are "
+        "optional elsewhere (e.g. before a deploy).",
+    )
+
+    # --- Kubernetes -------------------------------------------------------------------
+    namespace: str = Field(
+        "complianceagent", pattern=K8S_NAME, description="Namespace of the platform."
+    )
+    backend_deployment: str = Field("backend", pattern=K8S_NAME, description="API Deployment.")
+    frontend_deployment: str = Field("frontend", pattern=K8S_NAME, description="Web Deployment.")
+    workers_deployment: str = Field(
+        "celery-workers", pattern=K8S_NAME, description="Celery workers Deployment."
+    )
+    postgres_statefulset: str = Field(
+        "postgres", pattern=K8S_NAME, description="PostgreSQL StatefulSet."
+    )
+    kube_api_url: AnyHttpUrl | None = Field(
+        None,
+        description="Talk to this API server without credentials (the local sandbox). "
+        "Unset: in-cluster config, else kubeconfig.",
+    )
+    kube_context: str | None = Field(None, description="kubeconfig context to use, if any.")
+    kube_request_timeout_seconds: float = Field(
+        10.0, gt=0, le=120, description="Timeout of one Kubernetes API request."
+    )
+
+    # --- HTTP (health) ----------------------------------------------------------------
+    api_base_url: AnyHttpUrl = Field(
+        AnyHttpUrl("https://api.complianceagent.ai"),
+        description="Base URL of the backend API whose /health endpoints are checked.",
+    )
+    http_timeout_seconds: float = Field(
+        5.0, gt=0, le=60, description="Timeout of one HTTP request to the platform."
+    )
+
+    # --- Data -------------------------------------------------------------------------
+    database_dsn: SecretStr | None = Field(
+        None, description="libpq URL of the application database (holds a password)."
+    )
+    redis_url: SecretStr | None = Field(
+        None, description="URL of the Redis broker/cache (may hold a password)."
+    )
+
+    # --- AWS --------------------------------------------------------------------------
+    aws_region: str = Field(
+        "us-east-1", pattern=r"^[a-z]{2}(-[a-z]+)+-\d$", description="AWS region."
+    )
+    aws_endpoint_url: AnyHttpUrl | None = Field(
+        None, description="Override the AWS endpoint (the local moto server); unset on AWS."
+    )
+    api_key_secret_id: str = Field(
+        "complianceagent/api-key",
+        min_length=1,
+        max_length=512,
+        description="Secrets Manager id of the API key that secret rotation renews.",
+    )
+    backup_bucket: str = Field(
+        "complianceagent-backups",
+        pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
+        description="S3 bucket holding database backups.",
+    )
+    backup_prefix: str = Field(
+        "postgres/", max_length=200, description="Key prefix of backups in the bucket."
+    )
+
+    # --- Notifications ----------------------------------------------------------------
+    slack_webhook_url: SecretStr | None = Field(
+        None, description="Slack-style incoming webhook (the URL is the credential)."
+    )
+    pagerduty_events_url: AnyHttpUrl = Field(
+        AnyHttpUrl("https://events.pagerduty.com/v2/enqueue"),
+        description="PagerDuty Events API v2 endpoint.",
+    )
+    pagerduty_routing_key: SecretStr | None = Field(
+        None, description="PagerDuty integration (routing) key."
+    )
+    statuspage_url: AnyHttpUrl | None = Field(
+        None, description="Status page API endpoint that receives incident updates."
+    )
+    statuspage_api_key: SecretStr | None = Field(None, description="Status page API key.")
+
+    # --- Approvals --------------------------------------------------------------------
+    approval_timeout_seconds: int = Field(
+        3600, ge=5, le=7 * 24 * 3600, description="How long a plan waits for a decision."
+    )
+    approval_poll_seconds: int = Field(
+        1, ge=1, le=30, description="How often a paused run checks for a decision."
+    )
+
+    def require(self, field: str) -> SecretStr:
+        """The value of a credential setting, or a `MissingSetting` naming it."""
+        value = getattr(self, field)
+        if value is None:
+            raise MissingSetting(field)
+        return value
+
+
+def load_settings() -> PlatformSettings:
+    """Settings as the environment says now (cheap; not cached so tests and runs agree)."""
+    return PlatformSettings()

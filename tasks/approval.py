@@ -1,0 +1,137 @@
+"""The one approval gate every destructive runbook goes through.
+
+1. The plan — what will change, from what to what — is published as a markdown artifact
+   and shown above the approval form in the UI.
+2. The run pauses for a typed `ApprovalDecision`. Every field is required, so an empty
+   or malformed resume is refused by the server and the run stays paused.
+3. The decision (or the timeout) is recorded: an artifact, a log line and an event.
+4. Approved: the flow goes on and acts on exactly the plan it showed. Rejected or timed
+   out: an exception ends the run before anything changes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import get_run_context
+from prefect.events import emit_event
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from prefect.logging import get_run_logger
+from pydantic import Field
+
+from runbook.settings import load_settings
+from tasks.notify import notify_chat
+
+
+class ApprovalDecision(RunInput):
+    """What the approver answers. No defaults: the form must be filled in."""
+
+    approve: bool = Field(
+        description="Tick to carry out the plan above; leave unticked to refuse it."
+    )
+    approver: str = Field(
+        min_length=1, max_length=100, description="Who decides (name or handle); recorded."
+    )
+    reason: str = Field(
+        min_length=1, max_length=500, description="Why (ticket, change request…); recorded."
+    )
+
+
+class ApprovalRejected(RuntimeError):
+    """The approver refused the plan; nothing was changed."""
+
+
+class ApprovalTimedOut(RuntimeError):
+    """Nobody decided in time; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a runbook is about to do, shown to the approver and then carried out as shown.
+
+    `facts` are the numbers the approver judges by (current → target image, backup age…).
+    """
+
+    title: str
+    target: str
+    steps: tuple[str, ...]
+    facts: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.title.lower()).strip("-")[:60] or "plan"
+
+    def markdown(self) -> str:
+        lines = [f"## Approval needed: {self.title}", "", f"**Target:** `{self.target}`", ""]
+        if self.facts:
+            lines += ["| | |", "|---|---|"]
+            lines += [f"| {name} | {value} |" for name, value in self.facts.items()]
+            lines.append("")
+        lines.append("**Steps, in order:**")
+        lines += [f"{n}. {step}" for n, step in enumerate(self.steps, 1)]
+        return "\n".join(lines)
+
+
+def _record(plan: Plan, outcome: str, detail: str) -> None:
+    run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
+    create_markdown_artifact(
+        markdown=f"## Approval {outcome}: {plan.title}\n\n{detail}\n\nTarget: `{plan.target}`",
+        key=f"approval-{outcome}",
+        description=f"Approval decision for {plan.title}",
+    )
+    emit_event(
+        event=f"runbook.approval.{outcome}",
+        resource={"prefect.resource.id": f"runbook.approval.{run_id}.{plan.key}"},
+        related=[
+            {
+                "prefect.resource.id": f"prefect.flow-run.{run_id}",
+                "prefect.resource.role": "flow-run",
+            }
+        ],
+        payload={"plan": plan.title, "target": plan.target, "detail": detail},
+    )
+
+
+def request_approval(plan: Plan) -> ApprovalDecision:
+    """Show `plan`, wait for a decision, and return it only if it is an approval.
+
+    Raises `ApprovalRejected` or `ApprovalTimedOut` (after notifying chat) otherwise.
+    """
+    settings = load_settings()
+    logger = get_run_logger()
+    create_markdown_artifact(markdown=plan.markdown(), key="approval-plan", description=plan.title)
+    _record(
+        plan, "requested", f"Waiting up to {settings.approval_timeout_seconds}s for a decision."
+    )
+    logger.info("Waiting for approval of %r on %s", plan.title, plan.target)
+    try:
+        decision = pause_flow_run(
+            wait_for_input=ApprovalDecision.with_initial_data(description=plan.markdown()),
+            timeout=settings.approval_timeout_seconds,
+            poll_interval=settings.approval_poll_seconds,
+            key=plan.key,
+        )
+    except FlowPauseTimeout:
+        message = (
+            f"No decision on {plan.title!r} within {settings.approval_timeout_seconds}s; "
+            "nothing was changed."
+        )
+        logger.error(message)
+        _record(plan, "timed-out", message)
+        notify_chat(f":hourglass: {message}")
+        raise ApprovalTimedOut(message) from None
+
+    verdict = "approved" if decision.approve else "rejected"
+    detail = f"{verdict.capitalize()} by **{decision.approver}**: {decision.reason}"
+    logger.info("%s %s by %s: %s", plan.title, verdict, decision.approver, decision.reason)
+    _record(plan, verdict, detail)
+    if not decision.approve:
+        raise ApprovalRejected(
+            f"{plan.title!r} rejected by {decision.approver}: {decision.reason}; "
+            "nothing was changed."
+        )
+    return decision

@@ -1,0 +1,569 @@
+"""Tasks that talk to the Kubernetes API, one call each, named for the `kubectl` verb
+they stand in for.
+
+Objects go in and come out as plain JSON dicts (camelCase, exactly what the API serves),
+so the decisions in `runbook.decisions` can judge them without a client. The client is
+built from settings: an explicit API URL (the local sandbox), else in-cluster config,
+else kubeconfig — the same code runs everywhere.
+
+Errors: a 4xx answer becomes a `PlatformCallError` naming the call and the object, and
+fails at once; timeouts, connection errors, 429 and 5xx are retried (see `retry_policy`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+from prefect import task
+from prefect.logging import get_run_logger
+
+from runbook.decisions.rollout import RolloutVerdict, rollout_verdict
+from runbook.settings import PlatformSettings, load_settings
+from tasks.retry_policy import TRANSIENT_HTTP_STATUSES, TRANSIENT_RETRIES, PlatformCallError
+
+JSON = dict[str, Any]
+T = TypeVar("T")
+
+REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
+CHANGE_CAUSE_ANNOTATION = "kubernetes.io/change-cause"
+RESTARTED_AT_ANNOTATION = "kubectl.kubernetes.io/restartedAt"
+
+
+# --- the client -------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _api_client(api_url: str | None, context: str | None) -> client.ApiClient:
+    configuration = client.Configuration()
+    if api_url:
+        configuration.host = api_url.rstrip("/")
+    else:
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except ConfigException:
+            config.load_kube_config(context=context, client_configuration=configuration)
+    # One retry layer only: Prefect's, which knows transient from permanent.
+    configuration.retries = 0
+    return client.ApiClient(configuration)
+
+
+def api_client(settings: PlatformSettings | None = None) -> client.ApiClient:
+    """The shared `ApiClient` for the configured cluster."""
+    settings = settings or load_settings()
+    url = str(settings.kube_api_url) if settings.kube_api_url else None
+    return _api_client(url, settings.kube_context)
+
+
+def _plain(obj: Any) -> JSON:
+    result: JSON = client.ApiClient().sanitize_for_serialization(obj)
+    return result
+
+
+def _call(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Make one API call, turning the client's exceptions into clear, classified errors."""
+    settings = load_settings()
+    kwargs.setdefault("_request_timeout", settings.kube_request_timeout_seconds)
+    try:
+        return fn(*args, **kwargs)
+    except ApiException as exc:
+        if not exc.status:  # no HTTP answer at all: a connection-level failure
+            raise PlatformCallError(f"{what}: {exc.reason}", transient=True) from None
+        reason, message = exc.reason, ""
+        try:
+            import json
+
+            body = json.loads(exc.body or "{}")
+            reason, message = body.get("reason") or reason, body.get("message") or ""
+        except ValueError:
+            pass
+        retry_after = (exc.headers or {}).get("Retry-After")
+        raise PlatformCallError(
+            f"{what}: {exc.status} {reason}" + (f": {message}" if message else ""),
+            status=exc.status,
+            transient=exc.status in TRANSIENT_HTTP_STATUSES,
+            retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None,
+        ) from None
+
+
+def _apps() -> client.AppsV1Api:
+    return client.AppsV1Api(api_client())
+
+
+def _core() -> client.CoreV1Api:
+    return client.CoreV1Api(api_client())
+
+
+def _batch() -> client.BatchV1Api:
+    return client.BatchV1Api(api_client())
+
+
+def _custom() -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api_client())
+
+
+def _namespace(namespace: str | None) -> str:
+    return namespace or load_settings().namespace
+
+
+# --- Deployments ------------------------------------------------------------------------
+
+
+@task(**TRANSIENT_RETRIES)
+def read_deployment(name: str, namespace: str | None = None) -> JSON:
+    """`kubectl get deployment NAME -o json`.
+
+    Returns the Deployment as the API serves it. Raises `PlatformCallError` (404) if absent.
+    """
+    ns = _namespace(namespace)
+    obj = _call(f"read deployment/{name} in {ns}", _apps().read_namespaced_deployment, name, ns)
+    return _plain(obj)
+
+
+@task(**TRANSIENT_RETRIES)
+def patch_deployment(name: str, patch: JSON | list[JSON], namespace: str | None = None) -> JSON:
+    """`kubectl patch deployment NAME`: a dict is a strategic merge patch, a list a JSON patch."""
+    ns = _namespace(namespace)
+    obj = _call(
+        f"patch deployment/{name} in {ns}", _apps().patch_namespaced_deployment, name, ns, patch
+    )
+    return _plain(obj)
+
+
+@task(**TRANSIENT_RETRIES)
+def set_deployment_image(
+    name: str, container: str, image: str, namespace: str | None = None
+) -> JSON:
+    """`kubectl set image deployment/NAME CONTAINER=IMAGE`; returns the patched Deployment."""
+    ns = _namespace(namespace)
+    patch = {"spec": {"template": {"spec": {"containers": [{"name": container, "image": image}]}}}}
+    obj = _call(
+        f"set image of deployment/{name} container {container} in {ns}",
+        _apps().patch_namespaced_deployment,
+        name,
+        ns,
+        patch,
+    )
+    return _plain(obj)
+
+
+@task(**TRANSIENT_RETRIES)
+def set_deployment_env(
+    name: str, container: str, env: dict[str, str], namespace: str | None = None
+) -> JSON:
+    """`kubectl set env deployment/NAME K=V ...` for one container (merged by variable name)."""
+    ns = _namespace(namespace)
+    variables = [{"name": k, "value": v} for k, v in env.items()]
+    patch = {
+        "spec": {"template": {"spec": {"containers": [{"name": container, "env": variables}]}}}
+    }
+    obj = _call(
+        f"set env {sorted(env)} on deployment/{name} container {container} in {ns}",
+        _apps().patch_namespaced_deployment,
+        name,
+        ns,
+        patch,
+    )
+    return _plain(obj)
+
+
+@task(**TRANSIENT_RETRIES)
+def restart_deployment(name: str, namespace: str | None = None) -> JSON:
+    """`kubectl rollout restart deployment/NAME`: stamp the pod template so pods are replaced."""
+    ns = _namespace(namespace)
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    patch = {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT_ANNOTATION: now}}}}}
+    obj = _call(
+        f"restart deployment/{name} in {ns}", _apps().patch_namespaced_deployment, name, ns, patch
+    )
+    return _plain(obj)
+
+
+@task(**TRANSIENT_RETRIES)
+def scale_deployment(name: str, replicas: int, namespace: str | None = None) -> int:
+    """`kubectl scale deployment/NAME --replicas=N` through the scale subresource.
+
+    Returns the replica count the API now holds.
+    """
+    ns = _namespace(namespace)
+    scale = _call(
+        f"scale deployment/{name} to {replicas} in {ns}",
+        _apps().patch_namespaced_deployment_scale,
+        name,
+        ns,
+        {"spec": {"replicas": replicas}},
+    )
+    return int(scale.spec.replicas)
+
+
+@task(**TRANSIENT_RETRIES)
+def read_deployment_scale(name: str, namespace: str | None = None) -> int:
+    """The Deployment's desired replica count (`spec.replicas` of its scale subresource)."""
+    ns = _namespace(namespace)
+    scale = _call(
+        f"read scale of deployment/{name} in {ns}",
+        _apps().read_namespaced_deployment_scale,
+        name,
+        ns,
+    )
+    return int(scale.spec.replicas or 0)
+
+
+@task(**TRANSIENT_RETRIES)
+def list_deployment_revisions(name: str, namespace: str | None = None) -> list[JSON]:
+    """`kubectl rollout history deployment/NAME`: the Deployment's ReplicaSets, oldest first.
+
+    Each item: revision, images (container → image), change_cause, created, replicaset,
+    template (the pod template, without the `pod-template-hash` label).
+    """
+    ns = _namespace(namespace)
+    deployment = _call(
+        f"read deployment/{name} in {ns}", _apps().read_namespaced_deployment, name, ns
+    )
+    labels = deployment.spec.selector.match_labels or {}
+    selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    replica_sets = _call(
+        f"list replicasets of deployment/{name} in {ns}",
+        _apps().list_namespaced_replica_set,
+        ns,
+        label_selector=selector,
+    )
+    revisions = []
+    for rs in replica_sets.items:
+        owners = rs.metadata.owner_references or []
+        if not any(o.kind == "Deployment" and o.name == name for o in owners):
+            continue
+        annotations = rs.metadata.annotations or {}
+        if REVISION_ANNOTATION not in annotations:
+            continue
+        template = _plain(rs.spec.template)
+        template.get("metadata", {}).get("labels", {}).pop("pod-template-hash", None)
+        revisions.append(
+            {
+                "revision": int(annotations[REVISION_ANNOTATION]),
+                "images": {c.name: c.image for c in rs.spec.template.spec.containers},
+                "change_cause": annotations.get(CHANGE_CAUSE_ANNOTATION, ""),
+                "created": rs.metadata.creation_timestamp.isoformat()
+                if rs.metadata.creation_timestamp
+                else "",
+                "replicaset": rs.metadata.name,
+                "template": template,
+            }
+        )
+    return sorted(revisions, key=lambda r: r["revision"])
+
+
+@task(**TRANSIENT_RETRIES)
+def restore_pod_template(
+    name: str, template: JSON, change_cause: str, namespace: str | None = None
+) -> JSON:
+    """`kubectl rollout undo`: make a recorded revision's pod template the Deployment's.
+
+    A JSON patch replaces the whole template, so nothing of the newer template survives.
+    """
+    ns = _namespace(namespace)
+    patch = [
+        {"op": "replace", "path": "/spec/template", "value": template},
+        {
+            "op": "add",
+            "path": "/metadata/annotations/" + CHANGE_CAUSE_ANNOTATION.replace("/", "~1"),
+            "value": change_cause,
+        },
+    ]
+    obj = _call(
+        f"restore pod template of deployment/{name} in {ns}",
+        _apps().patch_namespaced_deployment,
+        name,
+        ns,
+        patch,
+    )
+    return _plain(obj)
+
+
+def _watch(
+    list_fn: Callable[..., Any], *args: Any, name: str, timeout: float, rv: str | None
+) -> Iterator[JSON]:
+    """Yield the watched object (as JSON) each time it changes, until `timeout` passes."""
+    stream = watch.Watch().stream(
+        list_fn,
+        *args,
+        field_selector=f"metadata.name={name}",
+        resource_version=rv,
+        timeout_seconds=max(1, int(timeout)),
+        _request_timeout=timeout + 10,
+    )
+    for event in stream:
+        if event["type"] in ("ADDED", "MODIFIED"):
+            yield event["raw_object"]
+
+
+@task(**TRANSIENT_RETRIES)
+def wait_for_rollout(
+    name: str,
+    min_generation: int = 0,
+    deadline_seconds: float = 600,
+    namespace: str | None = None,
+) -> JSON:
+    """`kubectl rollout status deployment/NAME`: watch until the rollout completes or fails.
+
+    Watches (no polling): a `ProgressDeadlineExceeded` condition is seen as soon as the
+    controller writes it. Returns `{"phase", "detail", "revision"}`. Raises `TimeoutError`
+    if neither outcome arrives within `deadline_seconds`.
+    """
+    ns = _namespace(namespace)
+    logger = get_run_logger()
+    give_up_at = time.monotonic() + deadline_seconds
+    current = _apps().read_namespaced_deployment(name, ns)
+    obj, rv = _plain(current), current.metadata.resource_version
+    while True:
+        verdict = rollout_verdict(obj, min_generation)
+        if verdict.finished:
+            break
+        remaining = give_up_at - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(
+                f"rollout of deployment/{name} in {ns} undecided after {deadline_seconds:.0f}s: "
+                f"{verdict.detail}"
+            )
+        for obj in _watch(
+            _apps().list_namespaced_deployment, ns, name=name, timeout=remaining, rv=rv
+        ):
+            rv = obj["metadata"]["resourceVersion"]
+            if rollout_verdict(obj, min_generation).finished:
+                break
+    revision = int(obj["metadata"].get("annotations", {}).get(REVISION_ANNOTATION, 0))
+    logger.info("deployment/%s rollout %s: %s", name, verdict.phase.value, verdict.detail)
+    return {"phase": verdict.phase.value, "detail": verdict.detail, "revision": revision}
+
+
+def verdict_of(result: JSON) -> RolloutVerdict:
+    """Turn `wait_for_rollout`'s result back into a verdict object."""
+    from runbook.decisions.rollout import RolloutPhase
+
+    return RolloutVerdict(RolloutPhase(result["phase"]), result["detail"])
+
+
+# --- StatefulSets, HPAs, Secrets --------------------------------------------------------
+
+
+@task(**TRANSIENT_RETRIES)
+def read_statefulset(name: str, namespace: str | None = None) -> JSON:
+    """`kubectl get statefulset NAME -o json`."""
+    ns = _namespace(namespace)
+    obj = _call(f"read statefulset/{name} in {ns}", _apps().read_namespaced_stateful_set, name, ns)
+    return _plain(obj)
+
+
+@task(**TRANSIENT_RETRIES)
+def apply_horizontal_pod_autoscaler(body: JSON, namespace: str | None = None) -> JSON:
+    """`kubectl apply -f hpa.yaml` for an `autoscaling/v2` HPA: create, or replace in place."""
+    ns = _namespace(namespace)
+    api = client.AutoscalingV2Api(api_client())
+    name = body["metadata"]["name"]
+    try:
+        existing = _call(
+            f"read hpa/{name} in {ns}", api.read_namespaced_horizontal_pod_autoscaler, name, ns
+        )
+    except PlatformCallError as exc:
+        if exc.status != 404:
+            raise
+        created = _call(
+            f"create hpa/{name} in {ns}", api.create_namespaced_horizontal_pod_autoscaler, ns, body
+        )
+        return _plain(created)
+    replacement = {
+        **body,
+        "metadata": {**body["metadata"], "resourceVersion": existing.metadata.resource_version},
+    }
+    replaced = _call(
+        f"replace hpa/{name} in {ns}",
+        api.replace_namespaced_horizontal_pod_autoscaler,
+        name,
+        ns,
+        replacement,
+    )
+    return _plain(replaced)
+
+
+@task(**TRANSIENT_RETRIES)
+def read_horizontal_pod_autoscaler(name: str, namespace: str | None = None) -> JSON | None:
+    """`kubectl get hpa NAME -o json`, or None if there is none."""
+    ns = _namespace(namespace)
+    api = client.AutoscalingV2Api(api_client())
+    try:
+        return _plain(
+            _call(
+                f"read hpa/{name} in {ns}", api.read_namespaced_horizontal_pod_autoscaler, name, ns
+            )
+        )
+    except PlatformCallError as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+@task(**TRANSIENT_RETRIES)
+def delete_secret(name: str, namespace: str | None = None) -> bool:
+    """`kubectl delete secret NAME`. Already gone counts as done: returns False then."""
+    ns = _namespace(namespace)
+    try:
+        _call(f"delete secret/{name} in {ns}", _core().delete_namespaced_secret, name, ns)
+    except PlatformCallError as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
+# --- Jobs -------------------------------------------------------------------------------
+
+
+@task(**TRANSIENT_RETRIES)
+def create_job(body: JSON, namespace: str | None = None) -> JSON:
+    """`kubectl create -f job.yaml`; returns the created Job."""
+    ns = _namespace(namespace)
+    name = body["metadata"].get("name") or body["metadata"].get("generateName", "") + "*"
+    obj = _call(f"create job/{name} in {ns}", _batch().create_namespaced_job, ns, body)
+    return _plain(obj)
+
+
+@task(**TRANSIENT_RETRIES)
+def wait_for_job(name: str, deadline_seconds: float = 1800, namespace: str | None = None) -> JSON:
+    """`kubectl wait --for=condition=complete job/NAME`, watching; returns the final Job.
+
+    The Job's outcome is in `status.succeeded` / `status.failed` and its conditions; a
+    failed Job is returned, not raised, so the caller can fetch its logs first.
+    """
+    ns = _namespace(namespace)
+    give_up_at = time.monotonic() + deadline_seconds
+    current = _call(f"read job/{name} in {ns}", _batch().read_namespaced_job, name, ns)
+    obj, rv = _plain(current), current.metadata.resource_version
+
+    def finished(job: JSON) -> bool:
+        conditions = (job.get("status") or {}).get("conditions") or []
+        return any(
+            c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+            for c in conditions
+        )
+
+    while not finished(obj):
+        remaining = give_up_at - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"job/{name} in {ns} not finished after {deadline_seconds:.0f}s")
+        for obj in _watch(_batch().list_namespaced_job, ns, name=name, timeout=remaining, rv=rv):
+            rv = obj["metadata"]["resourceVersion"]
+            if finished(obj):
+                break
+    return obj
+
+
+@task(**TRANSIENT_RETRIES)
+def read_job_logs(name: str, namespace: str | None = None) -> str:
+    """`kubectl logs job/NAME`: the logs of the Job's pods, each headed by the pod's name."""
+    ns = _namespace(namespace)
+    pods = _call(
+        f"list pods of job/{name} in {ns}",
+        _core().list_namespaced_pod,
+        ns,
+        label_selector=f"job-name={name}",
+    )
+    chunks = []
+    for pod in pods.items:
+        text = _call(
+            f"read logs of pod/{pod.metadata.name} in {ns}",
+            _core().read_namespaced_pod_log,
+            pod.metadata.name,
+            ns,
+        )
+        chunks.append(f"--- {pod.metadata.name}\n{text}")
+    return "\n".join(chunks)
+
+
+@task(**TRANSIENT_RETRIES)
+def delete_job(name: str, namespace: str | None = None) -> bool:
+    """`kubectl delete job NAME` with its pods. Already gone counts as done (returns False)."""
+    ns = _namespace(namespace)
+    try:
+        _call(
+            f"delete job/{name} in {ns}",
+            _batch().delete_namespaced_job,
+            name,
+            ns,
+            propagation_policy="Background",
+        )
+    except PlatformCallError as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
+# --- custom objects (cert-manager) ------------------------------------------------------
+
+
+@task(**TRANSIENT_RETRIES)
+def list_custom_objects(
+    group: str, version: str, plural: str, namespace: str | None = None
+) -> list[JSON]:
+    """`kubectl get PLURAL.GROUP -o json` in the namespace."""
+    ns = _namespace(namespace)
+    result = _call(
+        f"list {plural}.{group} in {ns}",
+        _custom().list_namespaced_custom_object,
+        group,
+        version,
+        ns,
+        plural,
+    )
+    return list(result.get("items", []))
+
+
+@task(**TRANSIENT_RETRIES)
+def read_custom_object(
+    group: str, version: str, plural: str, name: str, namespace: str | None = None
+) -> JSON:
+    """`kubectl get PLURAL.GROUP NAME -o json`."""
+    ns = _namespace(namespace)
+    result: JSON = _call(
+        f"read {plural}.{group}/{name} in {ns}",
+        _custom().get_namespaced_custom_object,
+        group,
+        version,
+        ns,
+        plural,
+        name,
+    )
+    return result
+
+
+@task(**TRANSIENT_RETRIES)
+def patch_custom_object(
+    group: str,
+    version: str,
+    plural: str,
+    name: str,
+    patch: JSON,
+    namespace: str | None = None,
+    status: bool = False,
+) -> JSON:
+    """`kubectl patch PLURAL.GROUP NAME --type=merge` (of `/status` when `status`)."""
+    ns = _namespace(namespace)
+    api = _custom()
+    fn = api.patch_namespaced_custom_object_status if status else api.patch_namespaced_custom_object
+    result: JSON = _call(
+        f"patch {plural}.{group}/{name}{'/status' if status else ''} in {ns}",
+        fn,
+        group,
+        version,
+        ns,
+        plural,
+        name,
+        patch,
+    )
+    return result
