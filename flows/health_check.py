@@ -34,13 +34,15 @@ def _as_check(endpoint: str, state: State) -> EndpointCheck:
 
 @flow(name="health-check", flow_run_name="health-check", log_prints=False)
 def health_check(
-    timeout_seconds: Annotated[
-        float, Field(gt=0, le=60, description="Timeout of each endpoint's request, in seconds.")
-    ] = 5.0,
-    notify_on_failure: Annotated[
-        bool, Field(description="Post to the chat webhook when a check fails.")
-    ] = True,
+    timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0,
+    notify_on_failure: bool = True,
 ) -> list[dict[str, object]]:
+    """Check the platform's five health endpoints, as the runbook's health-check script.
+
+    Args:
+        timeout_seconds: Timeout of each endpoint's request, in seconds (0-60).
+        notify_on_failure: Post to the chat webhook when a check fails.
+    """
     logger = get_run_logger()
     base_url = str(load_settings().api_base_url)
 

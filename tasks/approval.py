@@ -15,12 +15,14 @@ import re
 from dataclasses import dataclass, field
 
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import get_client
 from prefect.context import get_run_context
 from prefect.events import emit_event
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from prefect.logging import get_run_logger
+from prefect.states import Failed
 from pydantic import Field
 
 from runbook.settings import load_settings
@@ -96,6 +98,13 @@ def _record(plan: Plan, outcome: str, detail: str) -> None:
     )
 
 
+def _fail_run_with(message: str) -> None:
+    """Replace the server's generic "never resumed" failure with our clear message."""
+    run_id = get_run_context().flow_run.id  # type: ignore[union-attr]
+    with get_client(sync_client=True) as prefect_api:
+        prefect_api.set_flow_run_state(run_id, Failed(message=message), force=True)
+
+
 def request_approval(plan: Plan) -> ApprovalDecision:
     """Show `plan`, wait for a decision, and return it only if it is an approval.
 
@@ -121,6 +130,7 @@ def request_approval(plan: Plan) -> ApprovalDecision:
             "nothing was changed."
         )
         logger.error(message)
+        _fail_run_with(message)
         _record(plan, "timed-out", message)
         notify_chat(f":hourglass: {message}")
         raise ApprovalTimedOut(message) from None

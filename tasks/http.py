@@ -18,7 +18,8 @@ def check_endpoint(base_url: str, endpoint: str, timeout_seconds: float) -> Endp
 
     A timeout, a refused connection or a 429/5xx answer raises a transient
     `PlatformCallError` (so Prefect retries it); any other answer is returned as an
-    `EndpointCheck`, healthy or not.
+    `EndpointCheck`, healthy or not. Messages leave out the endpoint: the task run's
+    name and the flow's summary carry it.
     """
     url = base_url.rstrip("/") + endpoint
     started = time.perf_counter()
@@ -26,18 +27,14 @@ def check_endpoint(base_url: str, endpoint: str, timeout_seconds: float) -> Endp
         with httpx.Client(timeout=httpx.Timeout(timeout_seconds)) as http:
             response = http.get(url)
     except httpx.TimeoutException:
-        raise PlatformCallError(
-            f"{endpoint}: no answer within {timeout_seconds:g}s", transient=True
-        ) from None
+        raise PlatformCallError(f"no answer within {timeout_seconds:g}s", transient=True) from None
     except httpx.TransportError as exc:
-        raise PlatformCallError(
-            f"{endpoint}: {type(exc).__name__}: {exc}", transient=True
-        ) from None
+        raise PlatformCallError(f"{type(exc).__name__}: {exc}", transient=True) from None
     latency_ms = (time.perf_counter() - started) * 1000
     text = response.text[:500]
     if response.status_code in TRANSIENT_HTTP_STATUSES:
         raise PlatformCallError(
-            f"{endpoint}: HTTP {response.status_code} {text}",
+            f"HTTP {response.status_code} {text}",
             status=response.status_code,
             transient=True,
         )

@@ -1,0 +1,12 @@
+"""`python -m bench [NAME ...]`: run the named benchmark suites (default: all), each
+printing its figures and ratios against a baseline measured in the same run."""
+
+import importlib
+import sys
+
+SUITES = ["foundation"]
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or SUITES:
+        print(f"\n##### bench.{name}", flush=True)
+        importlib.import_module(f"bench.{name}").main()

@@ -1,0 +1,301 @@
+"""A stand-in for the platform's backend API, serving its health endpoints for real.
+
+``/health/db`` runs ``SELECT 1`` on the PostgreSQL it is given and ``/health/redis`` pings
+the Redis it is given, so stopping either server makes the matching check fail the way it
+would in production. Maintenance mode and "scaled to zero" come from callables so the
+sandbox can wire them to whatever holds that state (e.g. the Kubernetes emulator's
+Deployment env and replica count). Tests inject latency and failures per path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import psycopg
+import redis
+from psycopg.conninfo import conninfo_to_dict
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from sandbox.services import LOOPBACK, ThreadedHTTPService
+
+# Prometheus client defaults, so dashboards and the p99 maths behave as in production.
+DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
+CHECK_TIMEOUT_SECONDS = 2
+
+_JSON = "application/json"
+_PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _RequestMetrics:
+    """Latency histogram and per-status counter, rendered in Prometheus text format."""
+
+    def __init__(self, buckets: tuple[float, ...] = DEFAULT_BUCKETS) -> None:
+        self.buckets = buckets
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._bucket_counts = [0] * len(self.buckets)
+            self._sum = 0.0
+            self._count = 0
+            self._by_status: Counter[int] = Counter()
+
+    def observe(self, seconds: float, status: int) -> None:
+        with self._lock:
+            for i, upper in enumerate(self.buckets):
+                if seconds <= upper:
+                    self._bucket_counts[i] += 1
+            self._sum += seconds
+            self._count += 1
+            self._by_status[status] += 1
+
+    def render(self) -> str:
+        with self._lock:
+            lines = [
+                "# HELP http_request_duration_seconds Duration of HTTP requests in seconds.",
+                "# TYPE http_request_duration_seconds histogram",
+            ]
+            lines += [
+                f'http_request_duration_seconds_bucket{{le="{_prom_float(upper)}"}} {count}'
+                for upper, count in zip(self.buckets, self._bucket_counts, strict=True)
+            ]
+            lines += [
+                f'http_request_duration_seconds_bucket{{le="+Inf"}} {self._count}',
+                f"http_request_duration_seconds_sum {self._sum!r}",
+                f"http_request_duration_seconds_count {self._count}",
+                "# HELP http_requests_total Total HTTP requests by status code.",
+                "# TYPE http_requests_total counter",
+            ]
+            lines += [
+                f'http_requests_total{{status="{status}"}} {count}'
+                for status, count in sorted(self._by_status.items())
+            ]
+        return "\n".join(lines) + "\n"
+
+
+def _prom_float(value: float) -> str:
+    return repr(float(value))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "backend-standin/1"
+    timeout = 30  # a silent client must not pin a handler thread forever
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # request logs would drown test output; `requests` and /metrics record them
+
+    def _dispatch(self) -> None:
+        standin: BackendStandIn = self.server.service  # type: ignore[attr-defined]
+        standin._serve(self)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _dispatch
+
+
+class BackendStandIn(ThreadedHTTPService):
+    """The backend API's health surface, served over HTTP from a thread.
+
+    Test knobs (safe to change while serving):
+
+    - ``delay_seconds[path]``: sleep this long before answering ``path``.
+    - ``force_status[path]``: answer ``path`` with this status until removed.
+    - ``fail_next(path, status, times)``: answer the next ``times`` requests with ``status``.
+    - ``maintenance_mode`` / ``replicas``: the callables given, reassignable.
+    - ``requests``: how many requests each path received (also those refused).
+    - ``reset()``: clear all of the above except the callables.
+    """
+
+    handler_class = _Handler
+    thread_name = "backend-standin"
+
+    def __init__(
+        self,
+        database_dsn: str,
+        redis_url: str,
+        maintenance_mode: Callable[[], bool] = lambda: False,
+        replicas: Callable[[], int] = lambda: 1,
+        host: str = LOOPBACK,
+        port: int = 0,
+    ) -> None:
+        super().__init__(host=host, port=port)
+        self.database_dsn = database_dsn
+        self.redis_url = redis_url
+        self.maintenance_mode = maintenance_mode
+        self.replicas = replicas
+        self.delay_seconds: dict[str, float] = {}
+        self.force_status: dict[str, int] = {}
+        self.requests: Counter[str] = Counter()
+        self._failures: dict[str, deque[int]] = {}
+        self._knob_lock = threading.Lock()
+        self._metrics = _RequestMetrics()
+
+    # -- test knobs ------------------------------------------------------------------
+
+    def fail_next(self, path: str, status: int = 503, times: int = 1) -> None:
+        """Answer the next ``times`` requests to ``path`` with ``status`` (then recover)."""
+        with self._knob_lock:
+            self._failures.setdefault(path, deque()).extend([status] * times)
+
+    def reset(self) -> None:
+        """Forget injected delays/failures, request counts and metrics."""
+        with self._knob_lock:
+            self.delay_seconds.clear()
+            self.force_status.clear()
+            self._failures.clear()
+            self.requests.clear()
+        self._metrics.reset()
+
+    def metrics_text(self) -> str:
+        """What ``GET /metrics`` would answer now."""
+        return self._metrics.render()
+
+    # -- serving ---------------------------------------------------------------------
+
+    def _serve(self, handler: BaseHTTPRequestHandler) -> None:
+        started = time.perf_counter()
+        path = urlsplit(handler.path).path
+        _drain_body(handler)
+        with self._knob_lock:
+            self.requests[path] += 1
+
+        if self.replicas() <= 0:
+            # What an ingress with no endpoints answers: the backend never sees it, so it
+            # is not in the backend's own metrics either.
+            _send(handler, 503, {"status": "unavailable"})
+            return
+
+        delay = self.delay_seconds.get(path, 0.0)
+        if delay > 0:
+            time.sleep(delay)
+        status, body, content_type = self._answer(handler.command, path)
+        if path != "/metrics":  # scrapes would skew the latency the runbook reads
+            # Recorded before sending so a scrape right after this response includes it.
+            self._metrics.observe(time.perf_counter() - started, status)
+        _send(handler, status, body, content_type)
+
+    def _answer(self, method: str, path: str) -> tuple[int, Any, str]:
+        injected = self._take_injected_status(path)
+        if injected is not None:
+            return injected, {"status": "error", "detail": f"injected failure ({injected})"}, _JSON
+
+        if self.maintenance_mode():
+            if path == "/health/live":
+                return 200, {"status": "alive"}, _JSON
+            if path in ("/health", "/health/ready"):
+                return 503, {"status": "maintenance"}, _JSON
+            return 503, {"detail": "maintenance"}, _JSON
+
+        routes: dict[str, Callable[[], tuple[int, Any]]] = {
+            "/health": lambda: (200, {"status": "healthy"}),
+            "/health/ready": lambda: (200, {"status": "ready"}),
+            "/health/live": lambda: (200, {"status": "alive"}),
+            "/health/db": self._check_database,
+            "/health/redis": self._check_redis,
+        }
+        if path == "/metrics":
+            if method != "GET":
+                return 405, {"detail": "Method Not Allowed"}, _JSON
+            return 200, self._metrics.render(), _PROMETHEUS_TEXT
+        route = routes.get(path)
+        if route is None:
+            return 404, {"detail": "Not Found"}, _JSON
+        if method != "GET":
+            return 405, {"detail": "Method Not Allowed"}, _JSON
+        status, body = route()
+        return status, body, _JSON
+
+    def _take_injected_status(self, path: str) -> int | None:
+        with self._knob_lock:
+            queued = self._failures.get(path)
+            if queued:
+                return queued.popleft()
+            return self.force_status.get(path)
+
+    def _check_database(self) -> tuple[int, dict[str, str]]:
+        try:
+            with psycopg.connect(
+                self.database_dsn, connect_timeout=CHECK_TIMEOUT_SECONDS, autocommit=True
+            ) as conn:
+                conn.execute("SELECT 1").fetchone()
+        except Exception as exc:  # any failure is "disconnected" to a health probe
+            return 503, {"status": "disconnected", "error": self._short_reason(exc)}
+        return 200, {"status": "connected"}
+
+    def _check_redis(self) -> tuple[int, dict[str, str]]:
+        client = redis.Redis.from_url(
+            self.redis_url,
+            socket_timeout=CHECK_TIMEOUT_SECONDS,
+            socket_connect_timeout=CHECK_TIMEOUT_SECONDS,
+            # One attempt: a probe that retries hides the outage it should report.
+            retry=Retry(NoBackoff(), 0),
+        )
+        try:
+            client.ping()
+        except Exception as exc:
+            return 503, {"status": "disconnected", "error": self._short_reason(exc)}
+        finally:
+            client.close()
+        return 200, {"status": "connected"}
+
+    def _short_reason(self, exc: BaseException) -> str:
+        """One line naming the failure, with connection strings and passwords removed."""
+        text = " ".join(str(exc).split()) or "no detail"
+        for secret in _secrets_in(self.database_dsn, self.redis_url):
+            text = text.replace(secret, "***")
+        return f"{type(exc).__name__}: {text}"[:200]
+
+
+def _secrets_in(database_dsn: str, redis_url: str) -> list[str]:
+    """Strings that must never appear in an answer: the URLs and their passwords."""
+    found = [database_dsn, redis_url]
+    with contextlib.suppress(psycopg.ProgrammingError):
+        found.append(str(conninfo_to_dict(database_dsn).get("password") or ""))
+    with contextlib.suppress(ValueError):
+        raw = urlsplit(redis_url).password or ""
+        found += [raw, unquote(raw)]
+    # Longest first so a password inside a URL cannot leave the rest of the URL behind.
+    return sorted({s for s in found if s}, key=len, reverse=True)
+
+
+def _drain_body(handler: BaseHTTPRequestHandler) -> None:
+    # Unread request bodies make the kernel reset the connection on close, which the
+    # client then sees instead of our answer.
+    length = int(handler.headers.get("Content-Length") or 0)
+    if length > 0:
+        handler.rfile.read(length)
+
+
+def _send(
+    handler: BaseHTTPRequestHandler, status: int, body: Any, content_type: str = _JSON
+) -> None:
+    payload = (body if isinstance(body, str) else json.dumps(body)).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    if handler.command != "HEAD":
+        handler.wfile.write(payload)

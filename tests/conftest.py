@@ -1,0 +1,76 @@
+"""Session-wide real backends: one Prefect test server and one sandbox platform.
+
+Starting Prefect's server costs ~25 s and PostgreSQL ~2 s, so both are shared by the
+whole session; `platform` resets the fault knobs and recorders before each test that
+uses it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+# Before Prefect is imported: no network here, and no analytics phone-home.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from sandbox.platform import Sandbox
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Iterator[Sandbox]:
+    with Sandbox() as platform, pytest.MonkeyPatch.context() as env:
+        for name, value in platform.env.items():
+            env.setenv(name, value)
+        # Approvals in tests decide within a second; timeouts are tested at the minimum.
+        env.setenv("RUNBOOK_APPROVAL_POLL_SECONDS", "1")
+        yield platform
+
+
+@pytest.fixture
+def platform(sandbox: Sandbox, prefect_server: None) -> Sandbox:
+    """The sandbox platform with a clean slate of fault knobs and write records."""
+    sandbox.reset()
+    return sandbox
+
+
+@pytest.fixture(scope="session")
+def served_api(sandbox: Sandbox, prefect_server: None) -> Iterator[str]:
+    """Every prefect.yaml deployment served by `deployments.local --serve-only`, in its own
+    process as in `make up`, against the test server; yields the API URL."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    from deployments.catalog import PROJECT_ROOT, load_catalog
+    from deployments.local import FAST_RUNNER, _stop
+
+    api_url = str(PREFECT_API_URL.value())
+    process = subprocess.Popen(
+        [sys.executable, "-m", "deployments.local", "--serve-only"],
+        env={**os.environ, "PREFECT_API_URL": api_url, **FAST_RUNNER},
+        cwd=PROJECT_ROOT,
+    )
+    try:
+        names = {f"{spec.load_flow().name}/{spec.name}" for spec in load_catalog()}
+        give_up = time.monotonic() + 120
+        with httpx.Client(base_url=api_url) as api:
+            while names and time.monotonic() < give_up:
+                names = {n for n in names if api.get(f"/deployments/name/{n}").status_code != 200}
+                time.sleep(0.5)
+        assert not names, f"deployments never registered: {names}"
+        yield api_url
+    finally:
+        _stop(process)

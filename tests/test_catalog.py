@@ -1,0 +1,46 @@
+"""Every deployment in prefect.yaml loads, and its default parameters are valid (smoke)."""
+
+from __future__ import annotations
+
+import pytest
+from prefect.utilities.callables import parameter_schema
+
+from deployments.catalog import load_catalog, to_runner_deployment
+
+CATALOG = load_catalog()
+
+
+def test_catalog_is_not_empty_and_names_are_unique():
+    names = [spec.name for spec in CATALOG]
+    assert "health-check" in names
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("spec", CATALOG, ids=lambda s: s.name)
+def test_entrypoint_loads_and_default_parameters_validate(spec):
+    flow = spec.load_flow()
+    flow.validate_parameters(spec.parameters)
+    deployment = to_runner_deployment(spec)
+    assert deployment.name == spec.name
+    assert deployment.entrypoint == spec.entrypoint
+
+
+@pytest.mark.parametrize("spec", CATALOG, ids=lambda s: s.name)
+def test_every_form_field_is_described(spec):
+    schema = parameter_schema(spec.load_flow().fn).model_dump_for_openapi()
+    definitions = schema.get("definitions", {})
+
+    def undocumented(properties, where):
+        for name, prop in properties.items():
+            if "$ref" in prop or "allOf" in prop:
+                ref = (prop.get("$ref") or prop["allOf"][0]["$ref"]).split("/")[-1]
+                yield from undocumented(definitions[ref].get("properties", {}), f"{where}{name}.")
+            elif not prop.get("description"):
+                yield f"{where}{name}"
+
+    assert list(undocumented(schema["properties"], "")) == []
+
+
+def test_periodic_runbooks_are_scheduled():
+    schedules = {spec.name: spec.schedules for spec in CATALOG}
+    assert schedules["health-check"][0]["cron"] == "*/5 * * * *"
