@@ -14,25 +14,24 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 from prefect import task
-from prefect.logging import get_run_logger
 
-from runbook.decisions.rollout import RolloutVerdict, rollout_verdict
+from runbook.decisions.revisions import CHANGE_CAUSE_ANNOTATION, REVISION_ANNOTATION, revisions_of
+from runbook.decisions.rollout import RolloutPhase, RolloutVerdict, rollout_verdict
 from runbook.settings import PlatformSettings, load_settings
+from tasks.logs import run_logger
 from tasks.retry_policy import TRANSIENT_HTTP_STATUSES, TRANSIENT_RETRIES, PlatformCallError
 
 JSON = dict[str, Any]
-T = TypeVar("T")
 
-REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
-CHANGE_CAUSE_ANNOTATION = "kubernetes.io/change-cause"
 RESTARTED_AT_ANNOTATION = "kubectl.kubernetes.io/restartedAt"
 
 
@@ -61,35 +60,40 @@ def api_client(settings: PlatformSettings | None = None) -> client.ApiClient:
     return _api_client(url, settings.kube_context)
 
 
-def _plain(obj: Any) -> JSON:
-    result: JSON = client.ApiClient().sanitize_for_serialization(obj)
-    return result
+def _call(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Make one API call and return the answer as the API served it (JSON or text).
 
-
-def _call(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Make one API call, turning the client's exceptions into clear, classified errors."""
+    The client's exceptions become `PlatformCallError`s that name the call and say
+    whether a retry may help.
+    """
     settings = load_settings()
     kwargs.setdefault("_request_timeout", settings.kube_request_timeout_seconds)
     try:
-        return fn(*args, **kwargs)
+        response = fn(*args, _preload_content=False, **kwargs)
     except ApiException as exc:
-        if not exc.status:  # no HTTP answer at all: a connection-level failure
-            raise PlatformCallError(f"{what}: {exc.reason}", transient=True) from None
-        reason, message = exc.reason, ""
-        try:
-            import json
+        raise _refusal(what, exc) from None
+    body = response.data.decode()
+    if "json" in (response.headers.get("Content-Type") or ""):
+        return json.loads(body)
+    return body
 
-            body = json.loads(exc.body or "{}")
-            reason, message = body.get("reason") or reason, body.get("message") or ""
-        except ValueError:
-            pass
-        retry_after = (exc.headers or {}).get("Retry-After")
-        raise PlatformCallError(
-            f"{what}: {exc.status} {reason}" + (f": {message}" if message else ""),
-            status=exc.status,
-            transient=exc.status in TRANSIENT_HTTP_STATUSES,
-            retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None,
-        ) from None
+
+def _refusal(what: str, exc: ApiException) -> PlatformCallError:
+    if not exc.status:  # no HTTP answer at all: a connection-level failure
+        return PlatformCallError(f"{what}: {exc.reason}", transient=True)
+    reason, message = exc.reason, ""
+    try:
+        body = json.loads(exc.body or "{}")
+        reason, message = body.get("reason") or reason, body.get("message") or ""
+    except ValueError:
+        pass
+    retry_after = (exc.headers or {}).get("Retry-After")
+    return PlatformCallError(
+        f"{what}: {exc.status} {reason}" + (f": {message}" if message else ""),
+        status=exc.status,
+        transient=exc.status in TRANSIENT_HTTP_STATUSES,
+        retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None,
+    )
 
 
 def _apps() -> client.AppsV1Api:
@@ -122,18 +126,20 @@ def read_deployment(name: str, namespace: str | None = None) -> JSON:
     Returns the Deployment as the API serves it. Raises `PlatformCallError` (404) if absent.
     """
     ns = _namespace(namespace)
-    obj = _call(f"read deployment/{name} in {ns}", _apps().read_namespaced_deployment, name, ns)
-    return _plain(obj)
+    obj: JSON = _call(
+        f"read deployment/{name} in {ns}", _apps().read_namespaced_deployment, name, ns
+    )
+    return obj
 
 
 @task(**TRANSIENT_RETRIES)
 def patch_deployment(name: str, patch: JSON | list[JSON], namespace: str | None = None) -> JSON:
     """`kubectl patch deployment NAME`: a dict is a strategic merge patch, a list a JSON patch."""
     ns = _namespace(namespace)
-    obj = _call(
+    obj: JSON = _call(
         f"patch deployment/{name} in {ns}", _apps().patch_namespaced_deployment, name, ns, patch
     )
-    return _plain(obj)
+    return obj
 
 
 @task(**TRANSIENT_RETRIES)
@@ -143,14 +149,14 @@ def set_deployment_image(
     """`kubectl set image deployment/NAME CONTAINER=IMAGE`; returns the patched Deployment."""
     ns = _namespace(namespace)
     patch = {"spec": {"template": {"spec": {"containers": [{"name": container, "image": image}]}}}}
-    obj = _call(
+    obj: JSON = _call(
         f"set image of deployment/{name} container {container} in {ns}",
         _apps().patch_namespaced_deployment,
         name,
         ns,
         patch,
     )
-    return _plain(obj)
+    return obj
 
 
 @task(**TRANSIENT_RETRIES)
@@ -163,14 +169,14 @@ def set_deployment_env(
     patch = {
         "spec": {"template": {"spec": {"containers": [{"name": container, "env": variables}]}}}
     }
-    obj = _call(
+    obj: JSON = _call(
         f"set env {sorted(env)} on deployment/{name} container {container} in {ns}",
         _apps().patch_namespaced_deployment,
         name,
         ns,
         patch,
     )
-    return _plain(obj)
+    return obj
 
 
 @task(**TRANSIENT_RETRIES)
@@ -179,10 +185,10 @@ def restart_deployment(name: str, namespace: str | None = None) -> JSON:
     ns = _namespace(namespace)
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     patch = {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT_ANNOTATION: now}}}}}
-    obj = _call(
+    obj: JSON = _call(
         f"restart deployment/{name} in {ns}", _apps().patch_namespaced_deployment, name, ns, patch
     )
-    return _plain(obj)
+    return obj
 
 
 @task(**TRANSIENT_RETRIES)
@@ -199,7 +205,7 @@ def scale_deployment(name: str, replicas: int, namespace: str | None = None) -> 
         ns,
         {"spec": {"replicas": replicas}},
     )
-    return int(scale.spec.replicas)
+    return int(scale["spec"]["replicas"])
 
 
 @task(**TRANSIENT_RETRIES)
@@ -212,7 +218,7 @@ def read_deployment_scale(name: str, namespace: str | None = None) -> int:
         name,
         ns,
     )
-    return int(scale.spec.replicas or 0)
+    return int(scale["spec"].get("replicas") or 0)
 
 
 @task(**TRANSIENT_RETRIES)
@@ -220,13 +226,13 @@ def list_deployment_revisions(name: str, namespace: str | None = None) -> list[J
     """`kubectl rollout history deployment/NAME`: the Deployment's ReplicaSets, oldest first.
 
     Each item: revision, images (container → image), change_cause, created, replicaset,
-    template (the pod template, without the `pod-template-hash` label).
+    template (see `runbook.decisions.revisions.revisions_of`).
     """
     ns = _namespace(namespace)
     deployment = _call(
         f"read deployment/{name} in {ns}", _apps().read_namespaced_deployment, name, ns
     )
-    labels = deployment.spec.selector.match_labels or {}
+    labels = deployment["spec"]["selector"].get("matchLabels") or {}
     selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
     replica_sets = _call(
         f"list replicasets of deployment/{name} in {ns}",
@@ -234,29 +240,7 @@ def list_deployment_revisions(name: str, namespace: str | None = None) -> list[J
         ns,
         label_selector=selector,
     )
-    revisions = []
-    for rs in replica_sets.items:
-        owners = rs.metadata.owner_references or []
-        if not any(o.kind == "Deployment" and o.name == name for o in owners):
-            continue
-        annotations = rs.metadata.annotations or {}
-        if REVISION_ANNOTATION not in annotations:
-            continue
-        template = _plain(rs.spec.template)
-        template.get("metadata", {}).get("labels", {}).pop("pod-template-hash", None)
-        revisions.append(
-            {
-                "revision": int(annotations[REVISION_ANNOTATION]),
-                "images": {c.name: c.image for c in rs.spec.template.spec.containers},
-                "change_cause": annotations.get(CHANGE_CAUSE_ANNOTATION, ""),
-                "created": rs.metadata.creation_timestamp.isoformat()
-                if rs.metadata.creation_timestamp
-                else "",
-                "replicaset": rs.metadata.name,
-                "template": template,
-            }
-        )
-    return sorted(revisions, key=lambda r: r["revision"])
+    return revisions_of(name, replica_sets["items"])
 
 
 @task(**TRANSIENT_RETRIES)
@@ -276,14 +260,14 @@ def restore_pod_template(
             "value": change_cause,
         },
     ]
-    obj = _call(
+    obj: JSON = _call(
         f"restore pod template of deployment/{name} in {ns}",
         _apps().patch_namespaced_deployment,
         name,
         ns,
         patch,
     )
-    return _plain(obj)
+    return obj
 
 
 def _watch(
@@ -317,10 +301,12 @@ def wait_for_rollout(
     if neither outcome arrives within `deadline_seconds`.
     """
     ns = _namespace(namespace)
-    logger = get_run_logger()
+    logger = run_logger()
     give_up_at = time.monotonic() + deadline_seconds
-    current = _apps().read_namespaced_deployment(name, ns)
-    obj, rv = _plain(current), current.metadata.resource_version
+    obj: JSON = _call(
+        f"read deployment/{name} in {ns}", _apps().read_namespaced_deployment, name, ns
+    )
+    rv = obj["metadata"]["resourceVersion"]
     while True:
         verdict = rollout_verdict(obj, min_generation)
         if verdict.finished:
@@ -344,8 +330,6 @@ def wait_for_rollout(
 
 def verdict_of(result: JSON) -> RolloutVerdict:
     """Turn `wait_for_rollout`'s result back into a verdict object."""
-    from runbook.decisions.rollout import RolloutPhase
-
     return RolloutVerdict(RolloutPhase(result["phase"]), result["detail"])
 
 
@@ -356,8 +340,10 @@ def verdict_of(result: JSON) -> RolloutVerdict:
 def read_statefulset(name: str, namespace: str | None = None) -> JSON:
     """`kubectl get statefulset NAME -o json`."""
     ns = _namespace(namespace)
-    obj = _call(f"read statefulset/{name} in {ns}", _apps().read_namespaced_stateful_set, name, ns)
-    return _plain(obj)
+    obj: JSON = _call(
+        f"read statefulset/{name} in {ns}", _apps().read_namespaced_stateful_set, name, ns
+    )
+    return obj
 
 
 @task(**TRANSIENT_RETRIES)
@@ -376,10 +362,13 @@ def apply_horizontal_pod_autoscaler(body: JSON, namespace: str | None = None) ->
         created = _call(
             f"create hpa/{name} in {ns}", api.create_namespaced_horizontal_pod_autoscaler, ns, body
         )
-        return _plain(created)
+        return created
     replacement = {
         **body,
-        "metadata": {**body["metadata"], "resourceVersion": existing.metadata.resource_version},
+        "metadata": {
+            **body["metadata"],
+            "resourceVersion": existing["metadata"]["resourceVersion"],
+        },
     }
     replaced = _call(
         f"replace hpa/{name} in {ns}",
@@ -388,7 +377,7 @@ def apply_horizontal_pod_autoscaler(body: JSON, namespace: str | None = None) ->
         ns,
         replacement,
     )
-    return _plain(replaced)
+    return replaced
 
 
 @task(**TRANSIENT_RETRIES)
@@ -397,11 +386,10 @@ def read_horizontal_pod_autoscaler(name: str, namespace: str | None = None) -> J
     ns = _namespace(namespace)
     api = client.AutoscalingV2Api(api_client())
     try:
-        return _plain(
-            _call(
-                f"read hpa/{name} in {ns}", api.read_namespaced_horizontal_pod_autoscaler, name, ns
-            )
+        found: JSON = _call(
+            f"read hpa/{name} in {ns}", api.read_namespaced_horizontal_pod_autoscaler, name, ns
         )
+        return found
     except PlatformCallError as exc:
         if exc.status == 404:
             return None
@@ -429,8 +417,8 @@ def create_job(body: JSON, namespace: str | None = None) -> JSON:
     """`kubectl create -f job.yaml`; returns the created Job."""
     ns = _namespace(namespace)
     name = body["metadata"].get("name") or body["metadata"].get("generateName", "") + "*"
-    obj = _call(f"create job/{name} in {ns}", _batch().create_namespaced_job, ns, body)
-    return _plain(obj)
+    obj: JSON = _call(f"create job/{name} in {ns}", _batch().create_namespaced_job, ns, body)
+    return obj
 
 
 @task(**TRANSIENT_RETRIES)
@@ -442,8 +430,8 @@ def wait_for_job(name: str, deadline_seconds: float = 1800, namespace: str | Non
     """
     ns = _namespace(namespace)
     give_up_at = time.monotonic() + deadline_seconds
-    current = _call(f"read job/{name} in {ns}", _batch().read_namespaced_job, name, ns)
-    obj, rv = _plain(current), current.metadata.resource_version
+    obj: JSON = _call(f"read job/{name} in {ns}", _batch().read_namespaced_job, name, ns)
+    rv = obj["metadata"]["resourceVersion"]
 
     def finished(job: JSON) -> bool:
         conditions = (job.get("status") or {}).get("conditions") or []
@@ -474,14 +462,12 @@ def read_job_logs(name: str, namespace: str | None = None) -> str:
         label_selector=f"job-name={name}",
     )
     chunks = []
-    for pod in pods.items:
+    for pod in pods["items"]:
+        pod_name = pod["metadata"]["name"]
         text = _call(
-            f"read logs of pod/{pod.metadata.name} in {ns}",
-            _core().read_namespaced_pod_log,
-            pod.metadata.name,
-            ns,
+            f"read logs of pod/{pod_name} in {ns}", _core().read_namespaced_pod_log, pod_name, ns
         )
-        chunks.append(f"--- {pod.metadata.name}\n{text}")
+        chunks.append(f"--- {pod_name}\n{text}")
     return "\n".join(chunks)
 
 

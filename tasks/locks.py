@@ -13,7 +13,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-from prefect.logging import get_run_logger
+
+from tasks.logs import run_logger
 
 
 def lock_name(target: str) -> str:
@@ -38,6 +39,6 @@ def exclusive(target: str, wait_seconds: float = 600) -> Iterator[None]:
     """Hold the lock on `target` (e.g. `database/complianceagent`) for the block."""
     name = lock_name(target)
     _ensure_limit(name)
-    get_run_logger().info("Taking lock %s", name)
+    run_logger().info("Taking lock %s", name)
     with concurrency(name, occupy=1, strict=True, timeout_seconds=wait_seconds):
         yield

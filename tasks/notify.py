@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 import httpx
 from prefect import task
-from prefect.logging import get_run_logger
 
 from runbook.settings import load_settings
+from tasks.logs import run_logger
 from tasks.retry_policy import TRANSIENT_RETRIES, PlatformCallError
 
 PagerDutySeverity = Literal["critical", "error", "warning", "info"]
@@ -43,7 +43,7 @@ def notify_chat(text: str) -> bool:
     """Post `text` to the chat webhook. Returns False when no webhook is configured."""
     settings = load_settings()
     if settings.slack_webhook_url is None:
-        get_run_logger().warning("no chat webhook configured; not sent: %s", text[:200])
+        run_logger().warning("no chat webhook configured; not sent: %s", text[:200])
         return False
     _post("chat webhook", settings.slack_webhook_url.get_secret_value(), {"text": text})
     return True
@@ -61,7 +61,7 @@ def page_on_call(
     """Send a PagerDuty Events v2 event; returns the dedup key PagerDuty answered with."""
     settings = load_settings()
     if settings.pagerduty_routing_key is None:
-        get_run_logger().warning("no PagerDuty routing key configured; not paged: %s", summary)
+        run_logger().warning("no PagerDuty routing key configured; not paged: %s", summary)
         return None
     event: dict[str, Any] = {
         "routing_key": settings.pagerduty_routing_key.get_secret_value(),
@@ -88,7 +88,7 @@ def update_status_page(
     """Post an incident/maintenance update to the status page. False when none configured."""
     settings = load_settings()
     if settings.statuspage_url is None:
-        get_run_logger().warning("no status page configured; not updated: %s", message[:200])
+        run_logger().warning("no status page configured; not updated: %s", message[:200])
         return False
     headers = {}
     if settings.statuspage_api_key is not None:
