@@ -116,25 +116,47 @@ def bench_launch(samples: int = 7, baseline_samples: int = 3) -> None:
     report("(b) API launch → flow starts (served)", ours, base, "s", "median ≤ 3 s")
 
 
+def _sweep_seconds(flow_run_id: Any) -> float:
+    """From the first check starting to the last one ending, per the server's task runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as prefect_api:
+        runs = prefect_api.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    starts = [r.start_time for r in runs if r.start_time]
+    ends = [r.end_time for r in runs if r.end_time]
+    return (max(ends) - min(starts)).total_seconds()
+
+
 def bench_health_sweep(platform: Any, samples: int = 5) -> None:
     from flows.health_check import health_check
 
     assert platform.backend is not None
     for endpoint in ("/health", "/health/ready", "/health/live", "/health/db", "/health/redis"):
         platform.backend.delay_seconds[endpoint] = 0.2
-    walls, sums = [], []
+    sweeps, walls, sums = [], [], []
     for _ in range(samples):
         started = time.perf_counter()
-        rows = health_check()
+        state = health_check(return_state=True)
         walls.append(time.perf_counter() - started)
-        sums.append(sum(float(r["latency_ms"]) for r in rows) / 1000)
+        sweeps.append(_sweep_seconds(state.state_details.flow_run_id))
+        sums.append(sum(float(r["latency_ms"]) for r in state.result()) / 1000)
     platform.backend.delay_seconds.clear()
     report(
-        "(c) health sweep wall time vs the sum of five 200 ms latencies",
+        "(c) health sweep (first check starts → last ends) vs the sum of the five latencies",
+        sweeps,
+        sums,
+        "s",
+        "ratio well under 1 (checks run concurrently; 0.2 would be perfect)",
+    )
+    report(
+        "(c') whole health-check flow run, Prefect bookkeeping included, vs the same sum",
         walls,
         sums,
         "s",
-        "ratio well under 1 (concurrent checks)",
+        "for information",
     )
 
 

@@ -83,6 +83,9 @@ def run_everything(host: str, port: int) -> None:
         [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
         env=prefect_env,
         cwd=PROJECT_ROOT,
+        # Own session: Ctrl-C reaches only us, and we stop the children in order
+        # (runner, sandbox, then the server the runner reports to).
+        start_new_session=True,
     )
     try:
         print("Starting the sandbox platform…")
@@ -92,6 +95,7 @@ def run_everything(host: str, port: int) -> None:
                 [sys.executable, "-m", "deployments.local", "--serve-only"],
                 env={**prefect_env, **platform.env},
                 cwd=PROJECT_ROOT,
+                start_new_session=True,
             )
             try:
                 print(
@@ -112,7 +116,15 @@ def run_everything(host: str, port: int) -> None:
         _stop(server)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    # Ctrl-C and `kill` both stop everything cleanly, even when started in the background
+    # (where the shell hands us SIGINT ignored).
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve-only", action="store_true", help="only serve the deployments")
     parser.add_argument("--host", default="127.0.0.1")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import glob
+import logging
 import os
 import pwd
 import re
@@ -692,6 +693,8 @@ class MotoServer(_Service):
             from moto.server import ThreadedMotoServer
 
             server = ThreadedMotoServer(ip_address=LOOPBACK, port=self._port, verbose=False)
+            # werkzeug logs every request at INFO: noise on `make up`'s console.
+            logging.getLogger("werkzeug").setLevel(logging.WARNING)
             self._arm_atexit()
             try:
                 server.start()

@@ -5,27 +5,33 @@ retried with exponential backoff and jitter. Everything else (400, 404, 409, 422
 validation error, a bug) fails at once, so a wrong name is reported in a second instead
 of after a minute of pointless retries. A `Retry-After` header is honoured (capped) by
 waiting before the retry is scheduled.
+
+The client libraries are looked up in `sys.modules` rather than imported: an exception
+can only come from a library that is already loaded, and a flow that never touches
+botocore or kubernetes should not pay seconds to import them at start-up.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import sys
 import time
 from typing import Any
 
-import botocore.exceptions
 import httpx
-import psycopg
-import redis.exceptions
-import urllib3.exceptions
-from kubernetes.client.exceptions import ApiException
 from prefect.tasks import exponential_backoff
 
 logger = logging.getLogger(__name__)
 
 TRANSIENT_HTTP_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER_SECONDS = 30.0
+
+
+def _loaded(module: str, *names: str) -> tuple[type[BaseException], ...]:
+    """Exception classes `names` of `module`, if that module is already imported."""
+    loaded = sys.modules.get(module)
+    return tuple(getattr(loaded, name) for name in names) if loaded else ()
 
 
 class PlatformCallError(RuntimeError):
@@ -48,13 +54,20 @@ class PlatformCallError(RuntimeError):
         self.retry_after = retry_after
 
 
+class DeadlineExceeded(TimeoutError):
+    """A wait gave up after its own deadline (a rollout or Job still undecided).
+
+    Not a temporary fault: retrying would wait the whole deadline again, so it fails at once.
+    """
+
+
 def _status_of(exc: BaseException) -> int | None:
-    if isinstance(exc, ApiException):
-        return exc.status or None
+    if isinstance(exc, _loaded("kubernetes.client.exceptions", "ApiException")):
+        return getattr(exc, "status", None) or None
     if isinstance(exc, httpx.HTTPStatusError):
         return exc.response.status_code
-    if isinstance(exc, botocore.exceptions.ClientError):
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if isinstance(exc, _loaded("botocore.exceptions", "ClientError")):
+        status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
         return int(status) if status else None
     return None
 
@@ -62,10 +75,10 @@ def _status_of(exc: BaseException) -> int | None:
 def retry_after_seconds(exc: BaseException) -> float | None:
     """The server's `Retry-After` in seconds, if it sent one as a number."""
     if isinstance(exc, PlatformCallError):
-        return exc.retry_after
+        return min(exc.retry_after, MAX_RETRY_AFTER_SECONDS) if exc.retry_after else None
     headers: Any = None
-    if isinstance(exc, ApiException):
-        headers = exc.headers
+    if isinstance(exc, _loaded("kubernetes.client.exceptions", "ApiException")):
+        headers = getattr(exc, "headers", None)
     elif isinstance(exc, httpx.HTTPStatusError):
         headers = exc.response.headers
     if not headers:
@@ -79,16 +92,18 @@ def retry_after_seconds(exc: BaseException) -> float | None:
 
 def is_transient(exc: BaseException) -> bool:
     """True when trying the same call again may well succeed."""
+    if isinstance(exc, DeadlineExceeded):
+        return False
     if isinstance(exc, PlatformCallError):
         return exc.transient
     status = _status_of(exc)
     if status is not None:
         return status in TRANSIENT_HTTP_STATUSES
-    if isinstance(exc, ApiException):
+    if isinstance(exc, _loaded("kubernetes.client.exceptions", "ApiException")):
         # Status 0: the client never got an HTTP answer (connection-level failure).
         return True
-    if isinstance(exc, botocore.exceptions.ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
+    if isinstance(exc, _loaded("botocore.exceptions", "ClientError")):
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
         return code in {"Throttling", "ThrottlingException", "SlowDown", "RequestTimeout"}
     return isinstance(
         exc,
@@ -97,14 +112,16 @@ def is_transient(exc: BaseException) -> bool:
             ConnectionError,
             socket.timeout,
             httpx.TransportError,
-            urllib3.exceptions.HTTPError,
-            psycopg.OperationalError,
-            redis.exceptions.ConnectionError,
-            redis.exceptions.TimeoutError,
-            botocore.exceptions.EndpointConnectionError,
-            botocore.exceptions.ConnectionClosedError,
-            botocore.exceptions.ReadTimeoutError,
-            botocore.exceptions.ConnectTimeoutError,
+            *_loaded("urllib3.exceptions", "HTTPError"),
+            *_loaded("psycopg", "OperationalError"),
+            *_loaded("redis.exceptions", "ConnectionError", "TimeoutError"),
+            *_loaded(
+                "botocore.exceptions",
+                "EndpointConnectionError",
+                "ConnectionClosedError",
+                "ReadTimeoutError",
+                "ConnectTimeoutError",
+            ),
         ),
     )
 
