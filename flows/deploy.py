@@ -1,0 +1,287 @@
+"""Runbook > Common Operations > Deployment > Deploy New Version.
+
+    kubectl set image deployment/backend backend=complianceagent/backend:${VERSION}
+    kubectl set image deployment/frontend frontend=complianceagent/frontend:${VERSION}
+    kubectl rollout status deployment/backend
+    kubectl rollout status deployment/frontend
+
+Guarantees:
+- The version is checked (an image tag) before anything happens; each component keeps its
+  own image repository, only the tag changes.
+- Each component's revision, image and pod template are recorded first. A rollout that
+  fails (`ProgressDeadlineExceeded`, seen by a watch the moment the controller writes it)
+  or a failed health check afterwards rolls every component this run touched back to its
+  recorded pod template (`kubectl rollout undo`), waits for that rollout, checks health
+  again, tells chat, and fails the run with the reason.
+- celery-workers run the backend's image and follow it by default (see
+  `runbook.decisions.release.deploy_components`).
+- Two runs that change the same Deployment (deploy, rollback, scale) never interleave:
+  each holds the `deployment/<name>` lock from recording to the end.
+- Production always asks for an approval; elsewhere `require_approval` asks for one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
+from pydantic import Field
+
+from flows.health_check import health_check
+from runbook.decisions.release import (
+    TAG_PATTERN,
+    Deployable,
+    ImageChange,
+    Recorded,
+    deploy_components,
+    plan_images,
+    record,
+)
+from runbook.report import StepTimer, markdown_table
+from runbook.settings import load_settings
+from tasks.approval import Plan, request_approval
+from tasks.kubernetes import (
+    list_deployment_revisions,
+    read_deployment,
+    restore_pod_template,
+    set_deployment_image,
+    wait_for_rollout,
+)
+from tasks.locks import exclusive_all
+from tasks.notify import notify_chat
+
+DEFAULT_COMPONENTS: tuple[Deployable, ...] = ("backend", "frontend")
+# The controller marks a stuck rollout at progressDeadlineSeconds; if it never says, we
+# give up this much later ourselves (and treat it as failed).
+ROLLOUT_GRACE_SECONDS = 30
+
+
+class RolloutFailed(RuntimeError):
+    """A Deployment's rollout did not complete."""
+
+
+class UnhealthyAfterRollout(RuntimeError):
+    """The rollouts completed but the platform's health check failed."""
+
+
+class DeployFailed(RuntimeError):
+    """The deploy did not go through; the message says why and what was rolled back."""
+
+
+def _run_name() -> str:
+    parameters = flow_run.parameters
+    components = parameters.get("components") or DEFAULT_COMPONENTS
+    return f"deploy-{parameters.get('version', '?')}-{'+'.join(components)}"
+
+
+def record_component(component: str, deployment: str) -> Recorded:
+    """The component's current revision, image and pod template, as a rollback needs them."""
+    return record(component, read_deployment(deployment), list_deployment_revisions(deployment))
+
+
+def roll_out(name: str, generation: int, progress_deadline_seconds: int) -> dict[str, Any]:
+    """`kubectl rollout status`; raises `RolloutFailed` unless the rollout completed."""
+    outcome = wait_for_rollout(name, generation, progress_deadline_seconds + ROLLOUT_GRACE_SECONDS)
+    if outcome["phase"] != "complete":
+        raise RolloutFailed(f"rollout of deployment/{name} failed: {outcome['detail']}")
+    return outcome
+
+
+def verify_health(timeout_seconds: float) -> str:
+    """Run the health-check flow as a subflow; return its summary or raise with it."""
+    state = health_check(
+        timeout_seconds=timeout_seconds, notify_on_failure=False, return_state=True
+    )
+    if not state.is_completed():
+        raise UnhealthyAfterRollout(f"health check failed: {state.message}")
+    return "all health checks passed"
+
+
+def roll_back(
+    touched: Sequence[ImageChange], why: str, version: str, health_timeout_seconds: float
+) -> tuple[dict[str, int], list[str], str]:
+    """Put every touched component back on its recorded pod template, then check health.
+
+    Safe to run on a component whose image was never changed (restoring the same template
+    changes nothing). Returns revisions after the undo, problems met, and the health verdict.
+    """
+    cause = f"deploy of {version} rolled back: {why}"[:500]
+    restored: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
+    for change in reversed(touched):
+        r = change.recorded
+        try:
+            restored[r.deployment] = restore_pod_template(r.deployment, r.template, cause)
+        except Exception as exc:
+            problems.append(f"restoring deployment/{r.deployment} failed: {exc}")
+    revisions: dict[str, int] = {}
+    for change in reversed(touched):
+        r = change.recorded
+        if r.deployment not in restored:
+            continue
+        generation = restored[r.deployment]["metadata"]["generation"]
+        try:
+            revisions[r.deployment] = roll_out(
+                r.deployment, generation, r.progress_deadline_seconds
+            )["revision"]
+        except Exception as exc:
+            problems.append(str(exc))
+    try:
+        health = verify_health(health_timeout_seconds)
+    except UnhealthyAfterRollout as exc:
+        health = str(exc)
+    return revisions, problems, health
+
+
+@flow(name="deploy", flow_run_name=_run_name)
+def deploy(
+    version: Annotated[str, Field(pattern=TAG_PATTERN, examples=["1.5.0"])],
+    components: Annotated[tuple[Deployable, ...], Field(min_length=1)] = DEFAULT_COMPONENTS,
+    workers_follow_backend: bool = True,
+    require_approval: bool = False,
+    health_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0,
+) -> list[dict[str, Any]]:
+    """Deploy a new version: set the images, watch the rollouts, verify health; roll back
+    automatically if a rollout or the health check fails.
+
+    Args:
+        version: Image tag to deploy, e.g. 1.5.0 (letters, digits, '_', '.', '-'; at most 128).
+        components: Which Deployments get the new tag: backend, frontend, or both.
+        workers_follow_backend: Also move celery-workers (which run the backend image) to
+            the new backend image.
+        require_approval: Pause for an approval before changing anything (production
+            always does).
+        health_timeout_seconds: Timeout of each health endpoint request after the rollout.
+    """
+    settings = load_settings()
+    logger = get_run_logger()
+    timer = StepTimer()
+    wanted = deploy_components(components, workers_follow_backend)
+    names = {c: settings.deployment_name(c) for c in wanted}
+
+    with exclusive_all(f"deployment/{name}" for name in names.values()):
+        # 1. Record each component's current revision and image (what a rollback restores).
+        with timer.step("record current revisions"):
+            records = [record_component(c, names[c]) for c in wanted]
+            changes = [c for c in plan_images(version, records) if c.changes]
+        if not changes:
+            rows = _rows(plan_images(version, records), {r.deployment: r.revision for r in records})
+            _publish(version, "nothing to do: already at this version", rows, timer)
+            return rows
+
+        # 2. Approval: always in production, on request elsewhere.
+        if settings.environment == "production" or require_approval:
+            with timer.step("approval"):
+                request_approval(_plan(version, changes))
+
+        # 3. Set each image and watch its rollout; 4. verify health.
+        touched: list[ImageChange] = []
+        after: dict[str, int] = {}
+        try:
+            for change in changes:
+                r = change.recorded
+                with timer.step(f"set image and roll out deployment/{r.deployment}"):
+                    touched.append(change)  # before the call: an ambiguous failure is undone too
+                    patched = set_deployment_image(r.deployment, r.container, change.target_image)
+                    outcome = roll_out(
+                        r.deployment, patched["metadata"]["generation"], r.progress_deadline_seconds
+                    )
+                    after[r.deployment] = outcome["revision"]
+            with timer.step("verify health"):
+                verify_health(health_timeout_seconds)
+        except Exception as exc:
+            # 5. Failed: roll everything touched back to its recorded revision.
+            why = str(exc).rstrip(". ")
+            logger.error("deploy of %s failed, rolling back: %s", version, why)
+            with timer.step("roll back to recorded revisions"):
+                revisions, problems, health = roll_back(
+                    touched, why, version, health_timeout_seconds
+                )
+            outcome_text = "rolled back" if not problems else "only PARTLY rolled back"
+            summary = (
+                f"Deploy of {version} failed and was {outcome_text}: {why}. "
+                + (" ".join(problems) + " " if problems else "")
+                + f"After the rollback: {health}."
+            )
+            rows = _rows(touched, revisions, restored=True)
+            _publish(version, summary, rows, timer)
+            notify_chat(f":rotating_light: {summary}")
+            raise DeployFailed(summary) from None
+
+    # 6. Done: report before/after and tell chat.
+    rows = _rows(changes, after)
+    summary = f"Deployed {version} to " + ", ".join(
+        f"deployment/{c.recorded.deployment}" for c in changes
+    )
+    _publish(version, summary, rows, timer)
+    notify_chat(f":rocket: {summary}")
+    logger.info(summary)
+    return rows
+
+
+def _plan(version: str, changes: Sequence[ImageChange]) -> Plan:
+    steps = [
+        f"kubectl set image deployment/{c.recorded.deployment} "
+        f"{c.recorded.container}={c.target_image}, then watch its rollout "
+        f"(deadline {c.recorded.progress_deadline_seconds}s)"
+        for c in changes
+    ]
+    steps += [
+        "Verify the five health endpoints",
+        "On a failed rollout or health check: roll every changed Deployment back to its "
+        "revision shown above, and verify health again",
+    ]
+    return Plan(
+        title=f"Deploy {version}",
+        target=", ".join(f"deployment/{c.recorded.deployment}" for c in changes),
+        steps=tuple(steps),
+        facts={
+            f"deployment/{c.recorded.deployment}": f"{c.recorded.image} (revision "
+            f"{c.recorded.revision}) → {c.target_image}"
+            for c in changes
+        },
+    )
+
+
+def _rows(
+    changes: Sequence[ImageChange], revisions: dict[str, int], restored: bool = False
+) -> list[dict[str, Any]]:
+    rows = []
+    for c in changes:
+        r = c.recorded
+        if restored:
+            done = r.deployment in revisions
+            image_after = r.image if done else "unknown: the rollback did not complete"
+        else:
+            image_after = c.target_image
+        rows.append(
+            {
+                "component": r.component,
+                "deployment": r.deployment,
+                "image before": r.image,
+                "image after": image_after,
+                "revision before": r.revision,
+                "revision after": revisions.get(r.deployment, "-"),
+            }
+        )
+    return rows
+
+
+def _publish(version: str, summary: str, rows: list[dict[str, Any]], timer: StepTimer) -> None:
+    create_markdown_artifact(
+        markdown="\n\n".join(
+            [
+                f"## Deploy {version}",
+                summary,
+                markdown_table(rows),
+                "### Steps",
+                timer.markdown(),
+            ]
+        ),
+        key="deploy-report",
+        description=summary[:500],
+    )

@@ -1,0 +1,188 @@
+"""Runbook > Common Operations > Scaling.
+
+    kubectl scale deployment/backend --replicas=5
+    kubectl apply -f backend-hpa.yaml   # autoscaling/v2, min 2, max 20, CPU 70 %
+
+`scale`: the count is checked against the component's floor and ceiling
+(`runbook.decisions.scaling.REPLICA_BOUNDS`) before any call; above the ceiling is
+refused, below the floor or to zero waits for an approval. The form's own bound
+(0-`MAX_REPLICAS`) is enforced by the Prefect server before a run even exists.
+
+`autoscale`: applies the runbook's HorizontalPodAutoscaler. Idempotent: the live HPA is
+compared with the wanted one first, and nothing is written when they already agree.
+
+Both hold the `deployment/<name>` lock, so they never interleave with a deploy or rollback.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.logging import get_run_logger
+from pydantic import Field
+
+from runbook.decisions.release import Component
+from runbook.decisions.scaling import (
+    MAX_REPLICAS,
+    REPLICA_BOUNDS,
+    check_hpa_bounds,
+    hpa_body,
+    hpa_drift,
+    hpa_name,
+    judge_scale,
+)
+from runbook.report import markdown_table
+from runbook.settings import load_settings
+from tasks.approval import Plan, request_approval
+from tasks.kubernetes import (
+    apply_horizontal_pod_autoscaler,
+    read_deployment_scale,
+    read_horizontal_pod_autoscaler,
+    scale_deployment,
+    wait_for_rollout,
+)
+from tasks.locks import exclusive
+
+# How long a scale may take to have its replicas available before the run fails.
+SCALE_DEADLINE_SECONDS = 600
+
+
+def _hpa_note(hpa: dict[str, Any] | None, replicas: int) -> str:
+    if hpa is None:
+        return "no HorizontalPodAutoscaler targets it"
+    spec = hpa["spec"]
+    low, high = spec.get("minReplicas", 1), spec["maxReplicas"]
+    note = f"HPA {hpa['metadata']['name']} keeps it within {low}-{high}"
+    if not low <= replicas <= high:
+        note += f"; it will move {replicas} back into that range"
+    return note
+
+
+@flow(name="scale", flow_run_name="scale-{deployment}-to-{replicas}")
+def scale(
+    deployment: Annotated[Component, Field(examples=["backend"])],
+    replicas: Annotated[int, Field(ge=0, le=MAX_REPLICAS, examples=[5])],
+    wait: bool = True,
+) -> dict[str, Any]:
+    """Scale a Deployment to a number of replicas (kubectl scale), within its bounds.
+
+    Args:
+        deployment: Deployment to scale: backend (2-20), frontend (2-10) or celery-workers (1-30).
+        replicas: Wanted replica count. Above the Deployment's ceiling is refused; below its
+            floor, or 0, needs an approval.
+        wait: Wait until the new replicas are available.
+    """
+    logger = get_run_logger()
+    name = load_settings().deployment_name(deployment)
+
+    # 1. Check the count against this component's floor and ceiling, before any call.
+    verdict = judge_scale(deployment, replicas)
+
+    with exclusive(f"deployment/{name}"):
+        # 2. Read the current count, and whether an autoscaler will override ours.
+        current = read_deployment_scale(name)
+        hpa = read_horizontal_pod_autoscaler(hpa_name(name))
+        note = _hpa_note(hpa, replicas)
+        if current == replicas:
+            summary = f"deployment/{name} already has {replicas} replicas; nothing to do"
+            _publish(name, summary, current, current, note)
+            return {"deployment": name, "before": current, "after": current}
+
+        # 3. Below the floor or to zero: approval first.
+        if verdict.needs_approval:
+            bounds = REPLICA_BOUNDS[deployment]
+            request_approval(
+                Plan(
+                    title=f"Scale deployment/{name} to {replicas}",
+                    target=f"deployment/{name}",
+                    steps=(f"kubectl scale deployment/{name} --replicas={replicas}",),
+                    facts={
+                        "current replicas": str(current),
+                        "target replicas": str(replicas),
+                        "why approval": verdict.reason,
+                        "bounds": f"floor {bounds.floor}, ceiling {bounds.ceiling}",
+                        "autoscaler": note,
+                    },
+                )
+            )
+
+        # 4. Scale, and wait for the replicas to be available.
+        after = scale_deployment(name, replicas)
+        if wait:
+            outcome = wait_for_rollout(name, 0, SCALE_DEADLINE_SECONDS)
+            if outcome["phase"] != "complete":
+                raise RuntimeError(f"scaling deployment/{name} failed: {outcome['detail']}")
+
+    # 5. Report.
+    summary = f"deployment/{name} scaled from {current} to {after} replicas ({verdict.reason})"
+    _publish(name, summary, current, after, note)
+    logger.info(summary)
+    return {"deployment": name, "before": current, "after": after}
+
+
+def _publish(name: str, summary: str, before: int, after: int, note: str) -> None:
+    create_markdown_artifact(
+        markdown="\n\n".join(
+            [
+                f"## Scale deployment/{name}",
+                summary,
+                markdown_table([{"replicas before": before, "replicas after": after}]),
+                f"Autoscaler: {note}.",
+            ]
+        ),
+        key="scale-report",
+        description=summary,
+    )
+
+
+@flow(name="autoscale", flow_run_name="autoscale-{deployment}-{min_replicas}-{max_replicas}")
+def autoscale(
+    deployment: Component = "backend",
+    min_replicas: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] = 2,
+    max_replicas: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] = 20,
+    cpu_utilization_percent: Annotated[int, Field(ge=10, le=95)] = 70,
+) -> dict[str, Any]:
+    """Apply the runbook's HorizontalPodAutoscaler (autoscaling/v2); a second apply is a no-op.
+
+    Args:
+        deployment: Deployment the autoscaler scales: backend, frontend or celery-workers.
+        min_replicas: Fewest replicas the autoscaler keeps (not below the Deployment's floor).
+        max_replicas: Most replicas the autoscaler may add (not above the Deployment's ceiling).
+        cpu_utilization_percent: Average CPU utilisation the autoscaler aims for (10-95).
+    """
+    logger = get_run_logger()
+    name = load_settings().deployment_name(deployment)
+
+    # 1. Check the policy against the component's bounds, before any call.
+    check_hpa_bounds(deployment, min_replicas, max_replicas)
+    desired = hpa_body(name, min_replicas, max_replicas, cpu_utilization_percent)
+
+    with exclusive(f"deployment/{name}"):
+        # 2. Compare with the live HPA: apply only what differs (idempotent).
+        existing = read_horizontal_pod_autoscaler(desired["metadata"]["name"])
+        drift = hpa_drift(desired, existing)
+        # 3. Apply it.
+        if drift:
+            apply_horizontal_pod_autoscaler(desired)
+
+    # 4. Report.
+    verb = ("created" if existing is None else "updated") if drift else "already up to date"
+    summary = (
+        f"hpa/{hpa_name(name)} for deployment/{name} {verb}: {min_replicas}-{max_replicas} "
+        f"replicas at {cpu_utilization_percent}% CPU"
+        + (f" (changed: {', '.join(drift)})" if drift and existing is not None else "")
+    )
+    before = (existing or {}).get("spec") or {}
+    rows = [
+        {"field": f, "before": before.get(f, "-"), "after": desired["spec"][f]}
+        for f in ("minReplicas", "maxReplicas")
+    ]
+    create_markdown_artifact(
+        markdown=f"## Autoscaling of deployment/{name}\n\n{summary}\n\n{markdown_table(rows)}",
+        key="autoscale-report",
+        description=summary,
+    )
+    logger.info(summary)
+    return {"hpa": hpa_name(name), "changed": drift}

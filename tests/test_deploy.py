@@ -1,0 +1,209 @@
+"""The deploy runbook against the Kubernetes emulator, the backend stand-in and a real
+Prefect server: each test asserts the emulator's recorded writes and the final state."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from prefect.exceptions import ParameterTypeError
+from prefect.flow_runs import resume_flow_run
+
+from flows.deploy import deploy
+from tests.helpers import read_artifacts, start_in_thread, wait_for_paused_run
+from tests.release_helpers import (
+    deployment_writes,
+    deployments_restored,
+    image_of,
+    kinds_of,
+    revision_of,
+)
+
+APPROVE = {"approve": True, "approver": "alice", "reason": "CHG-7"}
+REJECT = {"approve": False, "approver": "bob", "reason": "not tonight"}
+
+
+@pytest.fixture
+def kube(platform):
+    platform.kube.rollout_delay = 0.05
+    with deployments_restored(platform.kube):
+        yield platform.kube
+    platform.kube.rollout_delay = 0.2
+
+
+def repository(kube, name):
+    return image_of(kube, name).rsplit(":", 1)[0]
+
+
+@pytest.mark.slow
+def test_deploy_updates_backend_workers_and_frontend_and_reports(platform, kube):
+    before = {n: (image_of(kube, n), revision_of(kube, n)) for n in ("backend", "frontend")}
+
+    state = deploy(version="2.0.0", return_state=True)
+
+    assert state.is_completed(), state.message
+    for name in ("backend", "celery-workers", "frontend"):
+        assert image_of(kube, name).endswith(":2.0.0")
+    assert image_of(kube, "celery-workers") == image_of(kube, "backend")  # workers follow
+    # One `set image` per Deployment, backend first, frontend last; nothing else.
+    assert [(w.name, w.method, w.status) for w in kube.writes] == [
+        ("backend", "PATCH", 200),
+        ("celery-workers", "PATCH", 200),
+        ("frontend", "PATCH", 200),
+    ]
+    assert kinds_of(kube.writes) == ["set-image"] * 3
+    report = read_artifacts(state.state_details.flow_run_id)["deploy-report"].data
+    assert f"| backend | backend | {before['backend'][0]} | complianceagent/backend:2.0.0 |" in (
+        report
+    )
+    assert f"| {before['backend'][1]} | {before['backend'][1] + 1} |" in report
+    assert "### Steps" in report and "verify health" in report
+    chat = platform.receiver.wait_for(lambda n: n.path.startswith("/slack"))
+    assert "Deployed 2.0.0" in chat.json["text"]
+
+
+def test_failed_rollout_rolls_back_to_the_recorded_revision(platform, kube):
+    recorded = image_of(kube, "frontend")
+    kube.fail_rollouts_for_image(":bad")
+
+    state = deploy(version="bad", components=["frontend"], return_state=True)
+
+    assert state.is_failed()
+    assert "rollout of deployment/frontend failed: progress deadline exceeded" in state.message
+    assert "was rolled back" in state.message
+    assert image_of(kube, "frontend") == recorded
+    assert kinds_of(deployment_writes(kube, "frontend")) == ["set-image", "restore"]
+    assert {w.name for w in kube.writes} == {"frontend"}  # the backend was not touched
+    restore = deployment_writes(kube, "frontend")[1].body
+    assert restore[0]["value"]["spec"]["containers"][0]["image"] == recorded
+    chat = platform.receiver.wait_for(lambda n: n.path.startswith("/slack"))
+    assert "Deploy of bad failed and was rolled back" in chat.json["text"]
+
+
+@pytest.mark.slow
+def test_a_later_failure_rolls_back_every_component_already_updated(platform, kube):
+    recorded = {n: image_of(kube, n) for n in ("backend", "celery-workers", "frontend")}
+    kube.fail_rollouts_for_image("frontend:2.1.0")  # backend and workers roll out fine
+
+    state = deploy(version="2.1.0", return_state=True)
+
+    assert state.is_failed()
+    assert {n: image_of(kube, n) for n in recorded} == recorded
+    # Set in rollout order, undone in reverse.
+    writes = kube.writes
+    assert list(zip([w.name for w in writes], kinds_of(writes), strict=True)) == [
+        ("backend", "set-image"),
+        ("celery-workers", "set-image"),
+        ("frontend", "set-image"),
+        ("frontend", "restore"),
+        ("celery-workers", "restore"),
+        ("backend", "restore"),
+    ]
+
+
+@pytest.mark.slow
+def test_failed_health_after_a_good_rollout_rolls_back_and_health_recovers(platform, kube):
+    recorded = image_of(kube, "backend")
+    # The new backend image is broken: while it runs, /health and /health/ready say 503.
+    platform.backend.maintenance_mode = lambda: image_of(kube, "backend").endswith(":2.2.0")
+    try:
+        state = deploy(version="2.2.0", components=["backend"], return_state=True)
+    finally:
+        platform.backend.maintenance_mode = platform._backend_in_maintenance
+
+    assert state.is_failed()
+    assert "health check failed" in state.message and "/health (API): HTTP 503" in state.message
+    assert "After the rollback: all health checks passed" in state.message
+    assert image_of(kube, "backend") == recorded
+    assert image_of(kube, "celery-workers") == recorded
+    assert kinds_of(deployment_writes(kube, "backend")) == ["set-image", "restore"]
+    assert kinds_of(deployment_writes(kube, "celery-workers")) == ["set-image", "restore"]
+
+
+def test_transient_5xx_is_retried_and_the_deploy_succeeds(platform, kube):
+    kube.inject_fault("PATCH", r"/deployments/frontend$", status=503, times=2)
+
+    state = deploy(version="2.3.0", components=["frontend"], return_state=True)
+
+    assert state.is_completed(), state.message
+    assert [(w.name, w.status) for w in kube.writes] == [("frontend", 200)]  # faults: no effect
+    assert image_of(kube, "frontend") == f"{repository(kube, 'frontend')}:2.3.0"
+
+
+def test_unknown_deployment_fails_at_once_with_no_writes(platform, kube, monkeypatch):
+    monkeypatch.setenv("RUNBOOK_FRONTEND_DEPLOYMENT", "no-such-frontend")
+    started = time.monotonic()
+
+    state = deploy(version="2.4.0", components=["frontend"], return_state=True)
+
+    assert state.is_failed()
+    assert "read deployment/no-such-frontend in complianceagent: 404" in state.message
+    assert time.monotonic() - started < 10  # not retried
+    assert kube.writes == []
+
+
+@pytest.mark.parametrize("bad", ["", "1.5.0; rm -rf /", "-rc1", "x" * 129, "v 1"])
+def test_bad_version_is_refused_before_anything(platform, kube, bad):
+    with pytest.raises(ParameterTypeError, match="version"):
+        deploy(version=bad)
+    assert kube.writes == []
+
+
+def test_same_version_again_changes_nothing(platform, kube):
+    current = image_of(kube, "frontend").rsplit(":", 1)[1]
+
+    state = deploy(version=current, components=["frontend"], return_state=True)
+
+    assert state.is_completed(), state.message
+    assert kube.writes == []
+    report = read_artifacts(state.state_details.flow_run_id)["deploy-report"].data
+    assert "nothing to do" in report
+
+
+@pytest.mark.slow
+def test_production_asks_for_approval_and_a_rejection_writes_nothing(platform, kube, monkeypatch):
+    monkeypatch.setenv("RUNBOOK_ENVIRONMENT", "production")
+    run = start_in_thread(deploy, version="2.5.0", components=["frontend"])
+    paused = wait_for_paused_run("deploy")
+    plan = read_artifacts(paused.id)["approval-plan"].data
+    assert f"{image_of(kube, 'frontend')} (revision {revision_of(kube, 'frontend')})" in plan
+    assert "complianceagent/frontend:2.5.0" in plan
+
+    resume_flow_run(paused.id, run_input=REJECT)
+    state = run.join()
+
+    assert state.is_failed()
+    assert "rejected by bob" in state.message
+    assert kube.writes == []
+
+
+@pytest.mark.slow
+def test_approved_deploy_is_carried_out(platform, kube):
+    run = start_in_thread(deploy, version="2.6.0", components=["frontend"], require_approval=True)
+    paused = wait_for_paused_run("deploy")
+    assert kube.writes == []
+
+    resume_flow_run(paused.id, run_input=APPROVE)
+    state = run.join()
+
+    assert state.is_completed(), state.message
+    assert image_of(kube, "frontend").endswith(":2.6.0")
+    assert kinds_of(kube.writes) == ["set-image"]
+
+
+@pytest.mark.slow
+def test_two_deploys_of_the_same_component_never_interleave(platform, kube):
+    first = start_in_thread(deploy, version="2.7.0", components=["frontend"], require_approval=True)
+    paused = wait_for_paused_run("deploy")  # holds the lock on deployment/frontend
+    second = start_in_thread(deploy, version="2.8.0", components=["frontend"])
+    time.sleep(3)
+    assert kube.writes == []  # the second deploy waits for the lock
+
+    resume_flow_run(paused.id, run_input=APPROVE)
+    assert first.join().is_completed()
+    assert second.join().is_completed()
+
+    writes = deployment_writes(kube, "frontend")
+    images = [w.body["spec"]["template"]["spec"]["containers"][0]["image"] for w in writes]
+    assert [i.rsplit(":", 1)[1] for i in images] == ["2.7.0", "2.8.0"]
+    assert image_of(kube, "frontend").endswith(":2.8.0")

@@ -1,0 +1,144 @@
+"""The migrations runbook against the Kubernetes emulator (its Jobs run and log as told)."""
+
+from __future__ import annotations
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.flow_runs import resume_flow_run
+
+from flows.migrations import migrations
+from sandbox.platform import MIGRATION_JOB_PREFIX, MIGRATION_LOGS
+from tasks import kubernetes as k8s
+from tasks.locks import lock_name
+from tests.helpers import read_artifacts, start_in_thread, wait_for_paused_run
+from tests.release_helpers import NS, deployments_restored, live, wait_settled
+
+APPROVE = {"approve": True, "approver": "grace", "reason": "CHG-11"}
+
+
+@pytest.fixture
+def kube(platform):
+    platform.kube.rollout_delay = 0.05
+    platform.kube.job_delay = 0.05
+    with deployments_restored(platform.kube, ("backend",)):
+        yield platform.kube
+    platform.kube.set_job_behaviour(MIGRATION_JOB_PREFIX, succeed=True, logs=MIGRATION_LOGS)
+    platform.kube.rollout_delay = 0.2
+    platform.kube.job_delay = 0.2
+
+
+def job_writes(kube):
+    return [(w.method, w.kind, w.name) for w in kube.writes]
+
+
+def run_approved(**parameters):
+    run = start_in_thread(migrations, **parameters)
+    paused = wait_for_paused_run("migrations")
+    resume_flow_run(paused.id, run_input=APPROVE)
+    return paused, run.join()
+
+
+@pytest.mark.slow
+def test_migrations_run_as_a_job_from_the_backend_image_and_report_alembic_current(platform, kube):
+    backend = live(kube, "backend")["spec"]["template"]["spec"]["containers"][0]
+
+    run = start_in_thread(migrations, require_maintenance_mode=False)
+    paused = wait_for_paused_run("migrations")
+    plan = read_artifacts(paused.id)["approval-plan"].data
+    assert backend["image"] in plan and "alembic upgrade head && alembic current" in plan
+    assert "OFF (migration declared safe under traffic)" in plan
+    assert kube.writes == []  # approval first
+    resume_flow_run(paused.id, run_input=APPROVE)
+    state = run.join()
+
+    assert state.is_completed(), state.message
+    assert state.result()["alembic_current"] == "a7e3f09b12c4 (head)"
+    job_name = kube.writes[0].name
+    assert job_name.startswith("backend-migrate-")
+    assert job_writes(kube) == [("POST", "Job", job_name), ("DELETE", "Job", job_name)]
+    job = kube.writes[0].body
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == backend["image"]
+    assert container["env"] == backend["env"]  # DATABASE_URL from the Secret, as the backend
+    assert container["envFrom"] == backend["envFrom"]
+    assert container["command"][-1] == "alembic upgrade head && alembic current"
+    assert kube.get("batch/v1", "Job", NS, job_name) is None  # cleaned up
+    report = read_artifacts(state.state_details.flow_run_id)["migrations-report"].data
+    assert "a7e3f09b12c4 (head)" in report
+    assert "- 3f2a9c1d7e10 -> 8c41d5e2b6a9, add scan severity index" in report
+    assert "Running upgrade 8c41d5e2b6a9 -> a7e3f09b12c4" in report  # the logs themselves
+
+
+def test_outside_a_maintenance_window_it_is_refused_before_anything(platform, kube):
+    state = migrations(return_state=True)
+
+    assert state.is_failed()
+    assert "require_maintenance_mode: deployment/backend is not in maintenance mode" in (
+        state.message
+    )
+    assert kube.writes == []
+    assert "approval-plan" not in read_artifacts(state.state_details.flow_run_id)
+
+
+def test_inside_a_maintenance_window_it_runs(platform, kube):
+    k8s.set_deployment_env.fn("backend", "backend", {"MAINTENANCE_MODE": "true"})
+    wait_settled(kube, "backend")
+    kube.clear_writes()
+
+    paused, state = run_approved()
+
+    assert state.is_completed(), state.message
+    assert "| maintenance mode | on |" in read_artifacts(paused.id)["approval-plan"].data
+    assert [w.method for w in kube.writes] == ["POST", "DELETE"]
+
+
+def test_failed_job_fails_the_run_with_its_logs_and_is_cleaned_up(platform, kube):
+    kube.set_job_behaviour(
+        MIGRATION_JOB_PREFIX,
+        succeed=False,
+        logs="INFO  [alembic.runtime.migration] Running upgrade 3f2a9c1d7e10 -> 8c41d5e2b6a9\n"
+        'sqlalchemy.exc.ProgrammingError: relation "scan_severity_idx" already exists\n',
+    )
+
+    _, state = run_approved(require_maintenance_mode=False)
+
+    assert state.is_failed()
+    assert "failed: Job has reached the specified backoff limit" in state.message
+    assert 'relation "scan_severity_idx" already exists' in state.message
+    [(post, _, name), (delete, _, deleted)] = job_writes(kube)
+    assert (post, delete, deleted) == ("POST", "DELETE", name)
+    assert kube.get("batch/v1", "Job", NS, name) is None
+    chat = platform.receiver.wait_for(lambda n: n.path.startswith("/slack"))
+    assert "failed" in chat.json["text"]
+
+
+def test_rejected_approval_writes_nothing(platform, kube):
+    run = start_in_thread(migrations, require_maintenance_mode=False)
+    resume_flow_run(
+        wait_for_paused_run("migrations").id,
+        run_input={"approve": False, "approver": "h", "reason": "backup first"},
+    )
+    state = run.join()
+
+    assert state.is_failed()
+    assert kube.writes == []
+
+
+def test_transient_5xx_on_job_creation_is_retried(platform, kube):
+    kube.inject_fault("POST", r"/namespaces/complianceagent/jobs$", status=503, times=1)
+
+    _, state = run_approved(require_maintenance_mode=False)
+
+    assert state.is_completed(), state.message
+    assert [(w.method, w.status) for w in kube.writes] == [("POST", 201), ("DELETE", 200)]
+
+
+def test_it_holds_the_database_lock_the_backup_runbooks_share(platform, kube):
+    _, state = run_approved(require_maintenance_mode=False)
+
+    assert state.is_completed(), state.message
+    with get_client(sync_client=True) as prefect_api:
+        limit = prefect_api.read_global_concurrency_limit_by_name(
+            lock_name("database/complianceagent")
+        )
+    assert limit.limit == 1 and limit.active_slots == 0  # taken, and released
