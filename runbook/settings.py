@@ -8,7 +8,10 @@ using an empty string.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import AnyHttpUrl, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -74,6 +77,18 @@ class PlatformSettings(BaseSettings):
     redis_url: SecretStr | None = Field(
         None, description="URL of the Redis broker/cache (may hold a password)."
     )
+    postgres_bindir: Path | None = Field(
+        None,
+        description="Directory of pg_dump/pg_restore. Unset: /usr/lib/postgresql/<server "
+        "major>/bin, else PATH (the programs must match the server's major version).",
+    )
+    postgres_maintenance_database: str = Field(
+        "postgres",
+        min_length=1,
+        max_length=63,
+        description="Database to connect to for CREATE/DROP/ALTER DATABASE (a database "
+        "cannot be renamed while connected to it).",
+    )
 
     # --- AWS --------------------------------------------------------------------------
     aws_region: str = Field(
@@ -121,12 +136,47 @@ class PlatformSettings(BaseSettings):
         1, ge=1, le=30, description="How often a paused run checks for a decision."
     )
 
+    def deployment_name(self, component: str) -> str:
+        """The Deployment of a component as the runbook names it (`backend`, `frontend`,
+        `celery-workers`) on this platform."""
+        names = {
+            "backend": self.backend_deployment,
+            "frontend": self.frontend_deployment,
+            "celery-workers": self.workers_deployment,
+        }
+        if component not in names:
+            raise ValueError(f"unknown component {component!r}; known: {', '.join(names)}")
+        return names[component]
+
+    @property
+    def database_name(self) -> str:
+        """The application database's name, from `RUNBOOK_DATABASE_DSN` (never the secret).
+
+        Runbooks that touch the database lock `database/<this name>`, so migrations,
+        backups and restores of one database never overlap.
+        """
+        return database_name_of(self.require("database_dsn").get_secret_value())
+
     def require(self, field: str) -> SecretStr:
         """The value of a credential setting, or a `MissingSetting` naming it."""
         value = getattr(self, field)
         if value is None:
             raise MissingSetting(field)
         return value
+
+
+def database_name_of(dsn: str) -> str:
+    """The database a libpq DSN names: a URL's path, or `dbname=` of a key/value string;
+    failing both, the user name (libpq's own default). Raises ValueError if none."""
+    if "://" in dsn:
+        url = urlsplit(dsn)
+        name = unquote(url.path.lstrip("/")) or unquote(url.username or "")
+    else:
+        pairs = dict(re.findall(r"(\w+)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", dsn))
+        name = (pairs.get("dbname") or pairs.get("user") or "").strip("'")
+    if not name:
+        raise ValueError("RUNBOOK_DATABASE_DSN names no database")
+    return name
 
 
 def load_settings() -> PlatformSettings:

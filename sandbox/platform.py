@@ -39,6 +39,22 @@ SEED_TABLES = {
 }
 
 
+# What `alembic upgrade head && alembic current` prints in the backend image: the migration
+# Job (`backend-migrate-…`, flows/migrations.py) ends with these logs in the sandbox.
+MIGRATION_JOB_PREFIX = "backend-migrate-"
+MIGRATION_LOGS = (
+    "INFO  [alembic.runtime.migration] Context impl PostgresqlImpl.\n"
+    "INFO  [alembic.runtime.migration] Will assume transactional DDL.\n"
+    "INFO  [alembic.runtime.migration] Running upgrade 3f2a9c1d7e10 -> 8c41d5e2b6a9, "
+    "add scan severity index\n"
+    "INFO  [alembic.runtime.migration] Running upgrade 8c41d5e2b6a9 -> a7e3f09b12c4, "
+    "add organization retention policy\n"
+    "INFO  [alembic.runtime.migration] Context impl PostgresqlImpl.\n"
+    "INFO  [alembic.runtime.migration] Will assume transactional DDL.\n"
+    "a7e3f09b12c4 (head)\n"
+)
+
+
 def _timestamp(at: dt.datetime) -> str:
     return at.strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -204,6 +220,7 @@ class Sandbox:
     def seed(self) -> None:
         for obj in kubernetes_objects():
             self.kube.seed(obj)
+        self.kube.set_job_behaviour(MIGRATION_JOB_PREFIX, succeed=True, logs=MIGRATION_LOGS)
         with psycopg.connect(self.postgres.dsn, autocommit=True) as db:
             for table, (column, rows) in SEED_TABLES.items():
                 db.execute(f"CREATE TABLE IF NOT EXISTS {table} (id serial PRIMARY KEY, {column})")

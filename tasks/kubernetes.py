@@ -28,7 +28,12 @@ from runbook.decisions.revisions import CHANGE_CAUSE_ANNOTATION, REVISION_ANNOTA
 from runbook.decisions.rollout import RolloutPhase, RolloutVerdict, rollout_verdict
 from runbook.settings import PlatformSettings, load_settings
 from tasks.logs import run_logger
-from tasks.retry_policy import TRANSIENT_HTTP_STATUSES, TRANSIENT_RETRIES, PlatformCallError
+from tasks.retry_policy import (
+    TRANSIENT_HTTP_STATUSES,
+    TRANSIENT_RETRIES,
+    DeadlineExceeded,
+    PlatformCallError,
+)
 
 JSON = dict[str, Any]
 
@@ -297,8 +302,9 @@ def wait_for_rollout(
     """`kubectl rollout status deployment/NAME`: watch until the rollout completes or fails.
 
     Watches (no polling): a `ProgressDeadlineExceeded` condition is seen as soon as the
-    controller writes it. Returns `{"phase", "detail", "revision"}`. Raises `TimeoutError`
-    if neither outcome arrives within `deadline_seconds`.
+    controller writes it. Returns `{"phase", "detail", "revision"}`. Raises
+    `DeadlineExceeded` (a `TimeoutError`, not retried) if neither outcome arrives within
+    `deadline_seconds`.
     """
     ns = _namespace(namespace)
     logger = run_logger()
@@ -313,7 +319,7 @@ def wait_for_rollout(
             break
         remaining = give_up_at - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError(
+            raise DeadlineExceeded(
                 f"rollout of deployment/{name} in {ns} undecided after {deadline_seconds:.0f}s: "
                 f"{verdict.detail}"
             )
@@ -443,7 +449,7 @@ def wait_for_job(name: str, deadline_seconds: float = 1800, namespace: str | Non
     while not finished(obj):
         remaining = give_up_at - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError(f"job/{name} in {ns} not finished after {deadline_seconds:.0f}s")
+            raise DeadlineExceeded(f"job/{name} in {ns} not finished after {deadline_seconds:.0f}s")
         for obj in _watch(_batch().list_namespaced_job, ns, name=name, timeout=remaining, rv=rv):
             rv = obj["metadata"]["resourceVersion"]
             if finished(obj):

@@ -6,8 +6,8 @@ the change runs unprotected. So the limit is created first if it is missing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -41,4 +41,13 @@ def exclusive(target: str, wait_seconds: float = 600) -> Iterator[None]:
     _ensure_limit(name)
     run_logger().info("Taking lock %s", name)
     with concurrency(name, occupy=1, strict=True, timeout_seconds=wait_seconds):
+        yield
+
+
+@contextmanager
+def exclusive_all(targets: Iterable[str], wait_seconds: float = 600) -> Iterator[None]:
+    """Hold the locks of several targets, taken in name order so two runs can't deadlock."""
+    with ExitStack() as held:
+        for target in sorted(set(targets)):
+            held.enter_context(exclusive(target, wait_seconds))
         yield

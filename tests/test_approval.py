@@ -30,7 +30,15 @@ def _scale_writes(platform):
     return [w for w in platform.kube.writes if w.name == "celery-workers"]
 
 
-def test_approved_plan_is_carried_out(platform):
+@pytest.fixture
+def workers_count_restored(platform):
+    """`platform.reset()` leaves Deployments alone: put the workers' count back."""
+    before = platform.kube.get("apps/v1", "Deployment", "complianceagent", "celery-workers")
+    yield
+    scale_deployment.fn("celery-workers", before["spec"]["replicas"])
+
+
+def test_approved_plan_is_carried_out(platform, workers_count_restored):
     run = start_in_thread(scale_workers_with_approval, replicas=3)
     paused = wait_for_paused_run("approval-probe")
     artifacts = read_artifacts(paused.id)

@@ -16,10 +16,23 @@ def test_catalog_is_not_empty_and_names_are_unique():
     assert len(names) == len(set(names))
 
 
+def with_required_examples(spec):
+    """The yaml's parameters, plus each required parameter's first `examples` value: a
+    parameter with no sensible default (a version, a replica count) must show an example."""
+    schema = parameter_schema(spec.load_flow().fn).model_dump_for_openapi()
+    parameters = dict(spec.parameters)
+    for name in schema.get("required", []):
+        if name not in parameters:
+            examples = schema["properties"][name].get("examples")
+            assert examples, f"{spec.name}: required parameter {name!r} has no example"
+            parameters[name] = examples[0]
+    return parameters
+
+
 @pytest.mark.parametrize("spec", CATALOG, ids=lambda s: s.name)
 def test_entrypoint_loads_and_default_parameters_validate(spec):
     flow = spec.load_flow()
-    flow.validate_parameters(spec.parameters)
+    flow.validate_parameters(with_required_examples(spec))
     deployment = to_runner_deployment(spec)
     assert deployment.name == spec.name
     assert deployment.entrypoint == spec.entrypoint
