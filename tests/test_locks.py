@@ -1,4 +1,8 @@
-"""Changes to one target never interleave; different targets do not wait for each other."""
+"""Changes to one target never interleave; different targets do not wait for each other.
+
+A holder flow takes a target's lock and keeps it until the test releases it, so the
+assertions depend on who holds what, not on how fast flow runs start.
+"""
 
 from __future__ import annotations
 
@@ -13,37 +17,59 @@ from tasks.locks import exclusive, lock_name
 
 pytestmark = pytest.mark.slow
 
-
-# Flow parameters are validated copies, so the runs report through a module-level list.
-EVENTS: list[tuple[str, str, float]] = []
+HELD = threading.Event()
+RELEASE = threading.Event()
 
 
 @flow
-def hold(target: str, seconds: float) -> None:
+def hold_until_released(target: str) -> None:
     with exclusive(target):
-        EVENTS.append(("in", target, time.monotonic()))
-        time.sleep(seconds)
-        EVENTS.append(("out", target, time.monotonic()))
+        HELD.set()
+        RELEASE.wait(120)
 
 
-def _run_together(*targets: str) -> list[tuple[str, str, float]]:
-    EVENTS.clear()
-    threads = [threading.Thread(target=hold, args=(t, 3.0)) for t in targets]
-    for thread in threads:
+@flow
+def change(target: str, wait_seconds: float) -> str:
+    with exclusive(target, wait_seconds=wait_seconds):
+        return f"changed {target}"
+
+
+@pytest.fixture
+def holder(prefect_server):
+    HELD.clear()
+    RELEASE.clear()
+    threads: list[threading.Thread] = []
+
+    def hold(target: str) -> None:
+        thread = threading.Thread(target=hold_until_released, args=(target,), daemon=True)
         thread.start()
+        threads.append(thread)
+        assert HELD.wait(120), "holder never got the lock"
+
+    yield hold
+    RELEASE.set()
     for thread in threads:
-        thread.join(60)
-    return list(EVENTS)
+        thread.join(120)
 
 
-def test_same_target_runs_one_at_a_time(prefect_server):
-    log = _run_together("deployment/probe", "deployment/probe")
-    assert [event for event, _, _ in sorted(log, key=lambda e: e[2])] == ["in", "out", "in", "out"]
+def test_same_target_waits_for_the_holder(holder):
+    holder("deployment/probe")
+
+    started = time.monotonic()
+    state = change("deployment/probe", wait_seconds=3, return_state=True)
+    assert state.is_failed()  # could not get the lock while it was held
+    assert time.monotonic() - started >= 3
+
     with get_client(sync_client=True) as prefect_api:
         limit = prefect_api.read_global_concurrency_limit_by_name(lock_name("deployment/probe"))
     assert limit.limit == 1
+    assert limit.active_slots == 1
+
+    RELEASE.set()
+    assert change("deployment/probe", wait_seconds=60) == "changed deployment/probe"
 
 
-def test_different_targets_overlap(prefect_server):
-    log = _run_together("deployment/a", "deployment/b")
-    assert [event for event, _, _ in sorted(log, key=lambda e: e[2])] == ["in", "in", "out", "out"]
+def test_different_target_does_not_wait(holder):
+    holder("deployment/a")
+    assert change("deployment/b", wait_seconds=30) == "changed deployment/b"
+    assert not RELEASE.is_set()  # deployment/a was held all along
