@@ -45,7 +45,7 @@ from runbook.decisions.backups import (
 )
 from runbook.decisions.retention import RetentionPlan, plan_retention
 from runbook.report import StepTimer, markdown_table
-from runbook.settings import load_settings
+from runbook.settings import database_label, load_settings
 from tasks.aws import (
     abort_multipart_upload,
     delete_objects,
@@ -69,10 +69,7 @@ class BackupVerificationFailed(RuntimeError):
 
 
 def _run_name() -> str:
-    try:
-        database = load_settings().database_name
-    except Exception:  # a missing DSN is reported by the run itself, not by its name
-        database = "database"
+    database = database_label()
     return f"backup-{database}-{flow_run.parameters.get('compression', 'zstd')}"
 
 

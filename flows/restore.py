@@ -52,7 +52,7 @@ from runbook.decisions.backups import (
     select_backup,
 )
 from runbook.report import StepTimer, markdown_table
-from runbook.settings import load_settings
+from runbook.settings import database_label, load_settings
 from tasks.approval import Plan, request_approval
 from tasks.aws import get_object_bytes, hash_object, list_objects
 from tasks.kubernetes import read_deployment_scale, scale_deployment, wait_for_rollout
@@ -79,10 +79,7 @@ class RestoreFailed(RuntimeError):
 
 
 def _run_name() -> str:
-    try:
-        database = load_settings().database_name
-    except Exception:  # a missing DSN is reported by the run itself, not by its name
-        database = "database"
+    database = database_label()
     return f"restore-{database}-from-{flow_run.parameters.get('backup_id', LATEST)}"
 
 

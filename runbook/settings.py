@@ -179,6 +179,15 @@ def database_name_of(dsn: str) -> str:
     return name
 
 
+def database_label() -> str:
+    """The application database's name for run names and titles; a placeholder when it
+    cannot be read (the run itself then reports the missing or bad setting)."""
+    try:
+        return load_settings().database_name
+    except Exception:
+        return "database"
+
+
 def load_settings() -> PlatformSettings:
     """Settings as the environment says now (cheap; not cached so tests and runs agree)."""
     return PlatformSettings()
