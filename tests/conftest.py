@@ -18,6 +18,7 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from sandbox.platform import Sandbox
+from tests.helpers import prefect_rest
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +52,6 @@ def served_api(sandbox: Sandbox, prefect_server: None) -> Iterator[str]:
     import sys
     import time
 
-    import httpx
     from prefect.settings import PREFECT_API_URL
 
     from deployments.catalog import PROJECT_ROOT, load_catalog
@@ -66,7 +66,7 @@ def served_api(sandbox: Sandbox, prefect_server: None) -> Iterator[str]:
     try:
         names = {f"{spec.load_flow().name}/{spec.name}" for spec in load_catalog()}
         give_up = time.monotonic() + 120
-        with httpx.Client(base_url=api_url) as api:
+        with prefect_rest(api_url) as api:
             while names and time.monotonic() < give_up:
                 names = {n for n in names if api.get(f"/deployments/name/{n}").status_code != 200}
                 time.sleep(0.5)

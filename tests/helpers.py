@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
+import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
 from prefect.client.schemas.objects import FlowRun, StateType
@@ -74,3 +75,24 @@ def read_artifacts(run_id: UUID) -> dict[str, Any]:
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
         )
     return {a.key: a for a in sorted(artifacts, key=lambda a: a.created or 0) if a.key}
+
+
+class RetryOn503(httpx.HTTPTransport):
+    """Retry 503 answers, as Prefect's own client does: the test server's SQLite answers
+    503 ("database is locked") now and then under concurrent writes."""
+
+    ATTEMPTS = 6
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(1, self.ATTEMPTS + 1):
+            response = super().handle_request(request)
+            if response.status_code != 503 or attempt == self.ATTEMPTS:
+                return response
+            response.close()
+            time.sleep(0.5 * attempt)
+        raise AssertionError("unreachable")
+
+
+def prefect_rest(api_url: str) -> httpx.Client:
+    """An HTTP client for Prefect's REST API, as an operator's script would use it."""
+    return httpx.Client(base_url=api_url, timeout=30, transport=RetryOn503())

@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import psycopg
 import pytest
 import zstandard
@@ -33,7 +32,7 @@ from tests.backup_helpers import (
     uploads,
 )
 from tests.faults import FaultyProxy
-from tests.helpers import read_artifacts
+from tests.helpers import prefect_rest, read_artifacts
 
 pytestmark = pytest.mark.slow
 
@@ -276,7 +275,7 @@ def test_the_password_is_never_stored_by_prefect(live):
 def test_backup_through_the_rest_api(live, served_api):
     # As an operator (or an alert) starts it: POST create_flow_run on the served deployment.
     platform = live
-    with httpx.Client(base_url=served_api, timeout=30) as api:
+    with prefect_rest(served_api) as api:
         found = api.get("/deployments/name/backup/backup").raise_for_status().json()
         assert found["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
         run = (

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 
+from tests.helpers import prefect_rest
 from tests.release_helpers import deployments_restored, live
 from tests.test_served_e2e import _artifact, _start, _wait_final
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 def test_bad_scale_is_refused_by_the_server_naming_the_field(
     platform, served_api, parameters, field
 ):
-    with httpx.Client(base_url=served_api, timeout=30) as api:
+    with prefect_rest(served_api) as api:
         refused = _start(api, "scale/scale", parameters)
     assert refused.status_code == 409
     assert field in refused.text
@@ -36,7 +36,7 @@ def test_bad_scale_is_refused_by_the_server_naming_the_field(
 
 
 def test_bad_version_is_refused_by_the_server(platform, served_api):
-    with httpx.Client(base_url=served_api, timeout=30) as api:
+    with prefect_rest(served_api) as api:
         refused = _start(api, "deploy/deploy", {"version": "1.5.0 && curl evil"})
     assert refused.status_code == 409
     assert "version" in refused.text
@@ -46,7 +46,7 @@ def test_bad_version_is_refused_by_the_server(platform, served_api):
 def test_scale_and_rollout_history_through_the_rest_api(platform, served_api):
     with deployments_restored(platform.kube, ("celery-workers",)):
         target = live(platform.kube, "celery-workers")["spec"]["replicas"] + 1
-        with httpx.Client(base_url=served_api, timeout=30) as api:
+        with prefect_rest(served_api) as api:
             run = _start(api, "scale/scale", {"deployment": "celery-workers", "replicas": target})
             final = _wait_final(api, run.raise_for_status().json()["id"])
             assert final["state"]["type"] == "COMPLETED", final["state"]["message"]

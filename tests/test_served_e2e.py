@@ -10,6 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.helpers import prefect_rest
+
 pytestmark = pytest.mark.slow
 
 
@@ -37,7 +39,7 @@ def _artifact(api: httpx.Client, run_id: str, key: str) -> Any:
 
 
 def test_health_check_through_the_rest_api(platform, served_api):
-    with httpx.Client(base_url=served_api, timeout=30) as api:
+    with prefect_rest(served_api) as api:
         run = _start(api, "health-check/health-check", {}).raise_for_status().json()
         final = _wait_final(api, run["id"])
         assert final["state"]["type"] == "COMPLETED", final["state"]["message"]
@@ -61,7 +63,7 @@ def test_health_check_through_the_rest_api(platform, served_api):
 
 
 def test_bad_parameters_are_refused_by_the_server_before_a_run_exists(platform, served_api):
-    with httpx.Client(base_url=served_api, timeout=30) as api:
+    with prefect_rest(served_api) as api:
         refused = _start(api, "health-check/health-check", {"timeout_seconds": -1})
         assert refused.status_code == 409
         assert "timeout_seconds" in refused.text
