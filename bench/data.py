@@ -6,7 +6,7 @@ of md5 text filled by `generate_series`), against the sandbox's PostgreSQL and m
 (b) backup throughput: our backup (pg_dump → compression → SHA-256 → S3 multipart, row
     counts in the same snapshot) against raw `pg_dump` to /dev/null with the same
     compression (for zstd: `pg_dump -Z0 | zstd > /dev/null`). Target: ratio ≥ 0.95.
-(c) memory: peak RSS (`ru_maxrss`) of the process doing the streaming, at ~100 MB and
+(c) memory: peak RSS (VmHWM) of the process doing the streaming, at ~100 MB and
     ~1 GB of data. Target: no more than 20 MB apart.
 (d) restore: our restore's data path (size + SHA-256 check of the object, `pg_restore
     --list`, a new database, pg_restore streamed from S3, row counts) against raw
