@@ -25,6 +25,7 @@ from prefect import flow, task
 
 from bench.common import platform_and_prefect, report
 from tasks.approval import Plan, request_approval
+from tests.helpers import prefect_rest
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,7 +91,7 @@ def _measure_launches(api_url: str, extra_env: dict[str, str], samples: int) -> 
     env = {**os.environ, "PREFECT_API_URL": api_url, **extra_env}
     server = _served(env)
     try:
-        with httpx.Client(base_url=api_url, timeout=30) as api:
+        with prefect_rest(api_url) as api:
             give_up = time.monotonic() + 120
             while True:
                 found = api.get("/deployments/name/health-check/health-check")

@@ -231,6 +231,9 @@ class Sandbox:
                     )
             db.execute("CREATE TABLE IF NOT EXISTS alembic_version (version_num varchar(32))")
             db.execute("INSERT INTO alembic_version VALUES ('3f2a9c1d7e10')")
+        # moto keeps its state per process: a second sandbox in one process (the benchmark
+        # suites run one after another) must not meet the first one's bucket and secret.
+        self.moto.reset()
         self.s3().create_bucket(Bucket=BACKUP_BUCKET)
         self.secretsmanager().create_secret(
             Name=API_KEY_SECRET_ID, SecretString=secrets.token_urlsafe(32)

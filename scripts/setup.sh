@@ -26,10 +26,15 @@ fi
 [ -x .venv/bin/uv ] || .venv/bin/pip install -q uv
 
 stamp=.venv/.requirements.sha256
-wanted=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+wanted=$(cat requirements.lock pyproject.toml "$0" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     echo "setup: installing locked Python packages"
     .venv/bin/uv pip install -q --python .venv/bin/python -r requirements.lock
     .venv/bin/uv pip install -q --python .venv/bin/python --no-deps -e .
+    # Bytecode now, not at each import: with PYTHONDONTWRITEBYTECODE set (as on these
+    # machines) every process would otherwise compile Prefect from source again.
+    .venv/bin/python -m compileall -q -j 0 .venv/lib/python3.11/site-packages >/dev/null || true
     echo "$wanted" >"$stamp"
 fi
+# The project's own modules too (cheap; stale files are simply recompiled in memory).
+.venv/bin/python -m compileall -q flows tasks runbook deployments sandbox >/dev/null || true
