@@ -13,7 +13,6 @@ import base64
 import datetime as dt
 import secrets
 from contextlib import ExitStack
-from types import TracebackType
 from typing import Any, Self
 
 import boto3
@@ -22,7 +21,7 @@ import psycopg
 from sandbox.backend_standin import BackendStandIn
 from sandbox.kube_emulator import KubeEmulator
 from sandbox.receiver import NotificationReceiver
-from sandbox.services import MotoServer, PostgresServer, RedisServer
+from sandbox.services import MotoServer, PostgresServer, RedisServer, Service
 
 NAMESPACE = "complianceagent"
 IMAGE_VERSION = "1.4.2"
@@ -169,7 +168,7 @@ def kubernetes_objects() -> list[dict[str, Any]]:
     ]
 
 
-class Sandbox:
+class Sandbox(Service):
     """Start with `with Sandbox() as platform:`; `platform.env` points the runbooks here."""
 
     def __init__(self) -> None:
@@ -203,17 +202,6 @@ class Sandbox:
 
     def stop(self) -> None:
         self._stack.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # --- seeding --------------------------------------------------------------------
 

@@ -131,7 +131,7 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-class _Service:
+class Service:
     """Start/stop lifecycle shared by every server: context manager plus an atexit net."""
 
     def start(self) -> Self:
@@ -163,7 +163,7 @@ class _Service:
 # --------------------------------------------------------------------------- PostgreSQL
 
 
-class PostgresServer(_Service):
+class PostgresServer(Service):
     """A throw-away PostgreSQL cluster on a free loopback port.
 
     ``start()`` runs ``initdb`` (password auth everywhere: ``scram-sha-256``), starts the
@@ -490,7 +490,7 @@ class PostgresServer(_Service):
 # --------------------------------------------------------------------------------- Redis
 
 
-class RedisServer(_Service):
+class RedisServer(Service):
     """A ``redis-server`` subprocess on a free loopback port, with no persistence.
 
     ``stop()`` then ``start()`` restarts it on the *same* port (empty again), which is how
@@ -643,7 +643,7 @@ class RedisServer(_Service):
 # ---------------------------------------------------------------------------------- moto
 
 
-class MotoServer(_Service):
+class MotoServer(Service):
     """The moto AWS emulator (S3, Secrets Manager, ...) served over HTTP from a thread.
 
     Point boto3 at it with ``boto3.client("s3", **moto.boto3_kwargs())``. Note that moto
@@ -740,7 +740,7 @@ class _ServiceHTTPServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
-class ThreadedHTTPService(_Service):
+class ThreadedHTTPService(Service):
     """Serves ``handler_class`` on loopback from a daemon thread; base of the HTTP stand-ins.
 
     ``stop()`` then ``start()`` serves again on the same port.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import builtins
 import re
 import threading
-from types import TracebackType
+
+from sandbox.services import Service
 
 from .cluster import Cluster
 from .controllers import Controllers
@@ -15,7 +16,7 @@ from .rest import Fault, RestApi
 from .server import EmulatorHTTPServer
 
 
-class KubeEmulator:
+class KubeEmulator(Service):
     """A Kubernetes API server emulator the official `kubernetes` client talks to unchanged.
 
     It serves core/v1, apps/v1, batch/v1, autoscaling/v2 and cert-manager.io/v1 resources
@@ -72,17 +73,6 @@ class KubeEmulator:
             self._thread.join(timeout=5)
         self._controllers.scheduler.stop()
         self._server, self._thread = None, None
-
-    def __enter__(self) -> KubeEmulator:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def url(self) -> str:
