@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 # Before Prefect is imported: no network here, and no analytics phone-home.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -74,3 +75,16 @@ def served_api(sandbox: Sandbox, prefect_server: None) -> Iterator[str]:
         yield api_url
     finally:
         _stop(process)
+
+
+@pytest.fixture
+def kube(platform: Sandbox) -> Iterator[Any]:
+    """The Kubernetes emulator with quick rollouts; the seeded Deployments are put back as
+    they were after the test, so release tests cannot leak state into each other."""
+    from tests.release_helpers import deployments_restored
+
+    previous_delay = platform.kube.rollout_delay
+    platform.kube.rollout_delay = 0.05
+    with deployments_restored(platform.kube):
+        yield platform.kube
+    platform.kube.rollout_delay = previous_delay

@@ -13,7 +13,6 @@ from flows.deploy import deploy
 from tests.helpers import read_artifacts, start_in_thread, wait_for_paused_run
 from tests.release_helpers import (
     deployment_writes,
-    deployments_restored,
     image_of,
     kinds_of,
     revision_of,
@@ -21,14 +20,6 @@ from tests.release_helpers import (
 
 APPROVE = {"approve": True, "approver": "alice", "reason": "CHG-7"}
 REJECT = {"approve": False, "approver": "bob", "reason": "not tonight"}
-
-
-@pytest.fixture
-def kube(platform):
-    platform.kube.rollout_delay = 0.05
-    with deployments_restored(platform.kube):
-        yield platform.kube
-    platform.kube.rollout_delay = 0.2
 
 
 def repository(kube, name):

@@ -11,7 +11,6 @@ from flows.rollback import rollback, rollout_history
 from tasks import kubernetes as k8s
 from tests.helpers import read_artifacts, start_in_thread, wait_for_paused_run
 from tests.release_helpers import (
-    deployments_restored,
     image_of,
     kinds_of,
     revision_of,
@@ -19,14 +18,6 @@ from tests.release_helpers import (
 )
 
 APPROVE = {"approve": True, "approver": "carol", "reason": "INC-42"}
-
-
-@pytest.fixture
-def kube(platform):
-    platform.kube.rollout_delay = 0.05
-    with deployments_restored(platform.kube):
-        yield platform.kube
-    platform.kube.rollout_delay = 0.2
 
 
 @pytest.fixture

@@ -9,15 +9,7 @@ from prefect.flow_runs import resume_flow_run
 from flows.scale import autoscale, scale
 from tasks import kubernetes as k8s
 from tests.helpers import read_artifacts, start_in_thread, wait_for_paused_run
-from tests.release_helpers import NS, deployments_restored, kinds_of, live
-
-
-@pytest.fixture
-def kube(platform):
-    platform.kube.rollout_delay = 0.05
-    with deployments_restored(platform.kube):
-        yield platform.kube
-    platform.kube.rollout_delay = 0.2
+from tests.release_helpers import NS, kinds_of, live
 
 
 def replicas_of(kube, name):
