@@ -2,7 +2,9 @@
 
 Each channel is optional: a channel with no configured target is skipped with a log line
 (a runbook must not fail because nobody set up chat). A configured channel that fails
-after retries does fail the task, so a lost page is never silent.
+after retries does fail the task, so a lost page is never silent. A message *about* an
+outcome goes through `announce`: its failure is logged, and never changes the run's
+outcome or hides the error it reports.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from prefect import task
 
 from runbook.settings import load_settings
 from tasks.logs import run_logger
-from tasks.retry_policy import TRANSIENT_RETRIES, PlatformCallError
+from tasks.retry_policy import TRANSIENT_HTTP_STATUSES, TRANSIENT_RETRIES, PlatformCallError
 
 PagerDutySeverity = Literal["critical", "error", "warning", "info"]
 
@@ -33,7 +35,7 @@ def _post(
         raise PlatformCallError(
             f"{channel}: HTTP {response.status_code}",
             status=response.status_code,
-            transient=response.status_code in (408, 429) or response.status_code >= 500,
+            transient=response.status_code in TRANSIENT_HTTP_STATUSES,
         )
     return response
 
@@ -47,6 +49,19 @@ def notify_chat(text: str) -> bool:
         return False
     _post("chat webhook", settings.slack_webhook_url.get_secret_value(), {"text": text})
     return True
+
+
+def announce(text: str) -> bool:
+    """Tell chat about an outcome, best effort: True if it was sent.
+
+    Use it after the fact (a report of success or failure, often inside an `except`): a
+    chat outage is logged as a warning, and the run keeps its own outcome and its own error.
+    """
+    state = notify_chat(text, return_state=True)
+    if state.is_completed():
+        return bool(state.result())
+    run_logger().warning("could not tell chat (%s); the message was: %s", state.message, text[:500])
+    return False
 
 
 @task(**TRANSIENT_RETRIES)

@@ -17,12 +17,14 @@ import logging
 import socket
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import httpx
 from prefect.tasks import exponential_backoff
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TRANSIENT_HTTP_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER_SECONDS = 30.0
@@ -90,6 +92,33 @@ def retry_after_seconds(exc: BaseException) -> float | None:
         return None
 
 
+def is_gone(exc: BaseException) -> bool:
+    """True when the call failed because its object does not exist (HTTP 404 and its kin).
+
+    For a delete or an undo that means the work is already done.
+    """
+    if isinstance(exc, PlatformCallError):
+        return exc.status == 404
+    if _status_of(exc) == 404:
+        return True
+    if isinstance(exc, _loaded("botocore.exceptions", "ClientError")):
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        return code in {"NoSuchKey", "NoSuchUpload", "ResourceNotFoundException"}
+    return False
+
+
+def done_if_gone(call: Callable[[], object]) -> bool:
+    """Run a delete (or any undo): True if it removed something now, False if the object
+    was already gone. Every other failure propagates. Safe to run twice."""
+    try:
+        call()
+    except Exception as exc:
+        if is_gone(exc):
+            return False
+        raise
+    return True
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when trying the same call again may well succeed."""
     if isinstance(exc, DeadlineExceeded):
@@ -138,10 +167,33 @@ def retry_on_transient(task: Any, task_run: Any, state: Any) -> bool:
     return True
 
 
+RETRIES = 3
+BACKOFF_FACTOR = 0.5
+
 # Spread into @task(...) of every task that calls out: 3 retries, 0.5 s, 1 s, 2 s ± 20 %.
 TRANSIENT_RETRIES: dict[str, Any] = {
-    "retries": 3,
-    "retry_delay_seconds": exponential_backoff(backoff_factor=0.5),
+    "retries": RETRIES,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=BACKOFF_FACTOR),
     "retry_jitter_factor": 0.2,
     "retry_condition_fn": retry_on_transient,
 }
+
+
+def call_with_retries(what: str, call: Callable[[], T], retries: int = RETRIES) -> T:
+    """`call()`, retried like a task (same policy, same backoff) while it fails transiently.
+
+    For calls inside a stream or a context manager, where a Prefect task retry would mean
+    starting the whole stream over. Everything that is not transient propagates at once.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except Exception as exc:
+            if attempt == retries or not is_transient(exc):
+                raise
+            wait = retry_after_seconds(exc) or BACKOFF_FACTOR * 2**attempt
+            logger.warning(
+                "%s failed (%s); retry %d of %d in %.1fs", what, exc, attempt + 1, retries, wait
+            )
+            time.sleep(wait)
+    raise AssertionError("unreachable")
