@@ -16,7 +16,6 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from sandbox import services
 from sandbox.services import (
     MotoServer,
     PostgresServer,
@@ -192,7 +191,7 @@ def test_redis_without_password_and_cleanup_on_error():
 
 def test_missing_redis_server_names_the_fix(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda _name: None)
-    monkeypatch.setattr(services.os, "access", lambda _path, _mode: False)
+    monkeypatch.setattr(os, "access", lambda _path, _mode: False)
     with pytest.raises(SandboxDependencyError, match="setup"):
         ensure_redis_server_installed()
 
