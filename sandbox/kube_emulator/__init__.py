@@ -6,7 +6,8 @@ The official `kubernetes` client talks to it unchanged
 - `resources`: the resource registry, `Status` errors, timestamps, selectors;
 - `patches`: strategic merge, JSON merge and JSON patch;
 - `cluster`: the object store, resourceVersions, the watch event log, garbage collection;
-- `controllers`: Deployment/ReplicaSet rollouts, StatefulSets, Jobs, HPAs, Certificates;
+- `controllers`: one module per controller (Deployment/ReplicaSet rollouts, StatefulSets,
+  Jobs, HPAs, Certificates);
 - `rest`: routing, verbs, subresources, watches, fault injection, the write log;
 - `server`: the HTTP/1.1 socket server; `emulator`: `KubeEmulator`, the public API.
 

@@ -132,16 +132,16 @@ class KubeEmulator(Service):
     def fail_rollouts_for_image(self, image_substring: str) -> None:
         """Rollouts to a pod template with an image containing this text fail."""
         with self._cluster.lock:
-            self._controllers.failing_images.add(image_substring)
+            self._controllers.rollouts.failing_images.add(image_substring)
 
     def clear_rollout_failures(self) -> None:
         with self._cluster.lock:
-            self._controllers.failing_images.clear()
+            self._controllers.rollouts.failing_images.clear()
 
     def set_job_behaviour(self, name_prefix: str, succeed: bool = True, logs: str = "") -> None:
         """How Jobs whose name starts with `name_prefix` end (the longest prefix wins)."""
         with self._cluster.lock:
-            self._controllers.job_behaviours[name_prefix] = (succeed, logs)
+            self._controllers.jobs.behaviours[name_prefix] = (succeed, logs)
 
     def inject_fault(
         self,
@@ -160,24 +160,24 @@ class KubeEmulator(Service):
 
     @property
     def rollout_delay(self) -> float:
-        return self._controllers.rollout_delay
+        return self._controllers.rollouts.delay
 
     @rollout_delay.setter
     def rollout_delay(self, seconds: float) -> None:
-        self._controllers.rollout_delay = seconds
+        self._controllers.rollouts.delay = seconds
 
     @property
     def job_delay(self) -> float:
-        return self._controllers.job_delay
+        return self._controllers.jobs.delay
 
     @job_delay.setter
     def job_delay(self, seconds: float) -> None:
-        self._controllers.job_delay = seconds
+        self._controllers.jobs.delay = seconds
 
     @property
     def certificate_delay(self) -> float:
-        return self._controllers.certificate_delay
+        return self._controllers.certificates.delay
 
     @certificate_delay.setter
     def certificate_delay(self, seconds: float) -> None:
-        self._controllers.certificate_delay = seconds
+        self._controllers.certificates.delay = seconds

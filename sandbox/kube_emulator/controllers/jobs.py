@@ -1,0 +1,119 @@
+"""The Job controller: a Job runs one Pod, which succeeds or fails as configured per name
+prefix, leaving the configured logs behind."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import time
+
+from ..cluster import Cluster
+from ..records import HistoryEvent
+from ..resources import JOBS, JSON, PODS, rfc3339
+from .base import Controller, ns_name, owner_reference, random_lowercase, set_condition
+from .scheduler import Scheduler
+
+
+class JobController(Controller):
+    """Jobs: one Pod each; `behaviours` by name prefix decide how it ends."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        scheduler: Scheduler,
+        history: list[HistoryEvent],
+        pod_logs: dict[tuple[str, str], str],
+    ) -> None:
+        super().__init__(cluster, scheduler, history)
+        self.delay = 0.2
+        self.behaviours: dict[str, tuple[bool, str]] = {}
+        self.pod_logs = pod_logs
+
+    def behaviour(self, job_name: str) -> tuple[bool, str]:
+        """The longest configured prefix wins; by default a Job succeeds, silently."""
+        matches = [p for p in self.behaviours if job_name.startswith(p)]
+        return self.behaviours[max(matches, key=len)] if matches else (True, "")
+
+    def created(self, job: JSON, seeded: bool) -> None:
+        status = job.get("status") or {}
+        if seeded and (status.get("conditions") or status.get("succeeded") or status.get("failed")):
+            return  # a seeded, finished Job
+        if job["spec"].get("suspend"):
+            return
+        now = time.time()
+        pod = self._create_job_pod(job, now)
+        job = self._write_status(JOBS, job, {"active": 1, "ready": 0, "startTime": rfc3339(now)})
+        self._record(job, "JobStarted", now)
+        step = functools.partial(
+            self._finish_job, *ns_name(job), job["metadata"]["uid"], pod["metadata"]["name"]
+        )
+        self.scheduler.call_later(self.delay, step)
+
+    def _create_job_pod(self, job: JSON, now: float) -> JSON:
+        ns, name = ns_name(job)
+        template = job["spec"]["template"]
+        spec = {**copy.deepcopy(template["spec"]), "nodeName": "emulated-node"}
+        containers = [
+            {
+                "name": c["name"],
+                "image": c["image"],
+                "imageID": "",
+                "ready": True,
+                "restartCount": 0,
+                "started": True,
+                "state": {"running": {"startedAt": rfc3339(now)}},
+            }
+            for c in spec["containers"]
+        ]
+        return self.cluster.create(
+            PODS,
+            {
+                "metadata": {
+                    "name": f"{name}-{random_lowercase(5)}",
+                    "namespace": ns,
+                    "labels": dict((template.get("metadata") or {}).get("labels") or {}),
+                    "ownerReferences": [owner_reference(job)],
+                },
+                "spec": spec,
+                "status": {
+                    "phase": "Running",
+                    "startTime": rfc3339(now),
+                    "containerStatuses": containers,
+                },
+            },
+        )
+
+    def _finish_job(self, ns: str, name: str, uid: str, pod_name: str) -> None:
+        job = self._latest(JOBS, ns, name, uid)
+        if job is None:
+            return
+        succeed, logs = self.behaviour(name)
+        now = time.time()
+        pod = self.cluster.get(PODS, ns, pod_name)
+        if pod is not None:
+            self.pod_logs[(ns, pod_name)] = logs
+            pod["status"]["phase"] = "Succeeded" if succeed else "Failed"
+            for container in pod["status"].get("containerStatuses", []):
+                started = container["state"].get("running", {}).get("startedAt", rfc3339(now))
+                container.update(ready=False, started=False)
+                container["state"] = {
+                    "terminated": {
+                        "exitCode": 0 if succeed else 1,
+                        "reason": "Completed" if succeed else "Error",
+                        "startedAt": started,
+                        "finishedAt": rfc3339(now),
+                    }
+                }
+            self.cluster.update(PODS, pod)
+        status = job.get("status") or {}
+        status.pop("active", None)
+        stamps = ("lastProbeTime", "lastTransitionTime")
+        if succeed:
+            status.update(succeeded=1, completionTime=rfc3339(now))
+            set_condition(status, "Complete", "True", "", "", now, stamps)
+        else:
+            status.update(failed=1)
+            message = "Job has reached the specified backoff limit"
+            set_condition(status, "Failed", "True", "BackoffLimitExceeded", message, now, stamps)
+        job = self._write_status(JOBS, job, status)
+        self._record(job, "JobComplete" if succeed else "JobFailed", now)
