@@ -12,6 +12,7 @@ import time
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.responses import GlobalConcurrencyLimitResponse
 
 from tasks.locks import exclusive, lock_name
 
@@ -32,6 +33,12 @@ def hold_until_released(target: str) -> None:
 def change(target: str, wait_seconds: float) -> str:
     with exclusive(target, wait_seconds=wait_seconds):
         return f"changed {target}"
+
+
+def _limit(target: str) -> GlobalConcurrencyLimitResponse:
+    """The target's lock as the Prefect server sees it: `active_slots` = who holds it now."""
+    with get_client(sync_client=True) as prefect_api:
+        return prefect_api.read_global_concurrency_limit_by_name(lock_name(target))
 
 
 @pytest.fixture
@@ -60,8 +67,7 @@ def test_same_target_waits_for_the_holder(holder):
     assert state.is_failed()  # could not get the lock while it was held
     assert time.monotonic() - started >= 3
 
-    with get_client(sync_client=True) as prefect_api:
-        limit = prefect_api.read_global_concurrency_limit_by_name(lock_name("deployment/probe"))
+    limit = _limit("deployment/probe")
     assert limit.limit == 1
     assert limit.active_slots == 1
 
@@ -72,4 +78,6 @@ def test_same_target_waits_for_the_holder(holder):
 def test_different_target_does_not_wait(holder):
     holder("deployment/a")
     assert change("deployment/b", wait_seconds=30) == "changed deployment/b"
-    assert not RELEASE.is_set()  # deployment/a was held all along
+    # b changed while a's holder kept a: a's slot is still taken, b's is free again.
+    assert _limit("deployment/a").active_slots == 1
+    assert _limit("deployment/b").active_slots == 0
