@@ -2,22 +2,7 @@
 
     kubectl exec -it statefulset/postgres -- pg_dump -U complianceagent complianceagent > backup.sql
 
-Done so that it can run every night unattended. Guarantees:
-- Streamed: `pg_dump -Fc` (an archive pg_restore can restore selectively and in parallel)
-  goes straight to S3 by multipart upload, in bounded memory and never to local disk.
-- Verifiable: a manifest `<archive>.manifest.json` is stored only after the archive is
-  whole — database, server version, start and end, size, SHA-256, compression and every
-  table's row count, counted in the very snapshot pg_dump dumped. No manifest, no backup.
-- Nothing partial: a failed or interrupted backup aborts its upload (and an upload a
-  crashed run left behind is aborted by the next run), so the bucket holds complete
-  backups only — plus, at worst, an archive without manifest, which nothing restores and
-  retention deletes.
-- Retention: the newest backup of each of the last `keep_daily` days and `keep_weekly`
-  ISO weeks is kept; everything else of this database is deleted.
-- Never at the same time as a restore or migrations of the same database (its lock).
-- Optionally proven: `verify_restore` restores it into a scratch database and compares
-  every table's row count with the manifest (the scratch database is always dropped).
-- A failure notifies chat.
+Done so that it can run every night unattended. The guarantees are in the flow's docstring.
 """
 
 from __future__ import annotations
@@ -43,9 +28,17 @@ from runbook.decisions.backups import (
     manifest_key,
     row_count_problems,
 )
-from runbook.decisions.retention import RetentionPlan, plan_retention
+from runbook.decisions.retention import (
+    DEFAULT_KEEP_DAILY,
+    DEFAULT_KEEP_WEEKLY,
+    RetentionPlan,
+    deleted_beyond_defaults,
+    plan_retention,
+    retention_approval,
+)
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import database_label, load_settings
+from tasks.approval import Plan, request_approval
 from tasks.aws import (
     abort_multipart_upload,
     delete_objects,
@@ -54,7 +47,7 @@ from tasks.aws import (
     put_object_bytes,
 )
 from tasks.locks import exclusive
-from tasks.notify import notify_chat
+from tasks.notify import announce
 from tasks.postgres import (
     count_rows,
     create_database,
@@ -68,6 +61,10 @@ class BackupVerificationFailed(RuntimeError):
     """The backup was stored but did not restore to what its manifest says."""
 
 
+class RetentionNotApplied(RuntimeError):
+    """The backup is stored, but its retention was refused or failed: nothing was deleted."""
+
+
 def _run_name() -> str:
     database = database_label()
     return f"backup-{database}-{flow_run.parameters.get('compression', 'zstd')}"
@@ -76,18 +73,39 @@ def _run_name() -> str:
 @flow(name="backup", flow_run_name=_run_name, log_prints=False)
 def backup(
     compression: Literal["zstd", "gzip"] = "zstd",
-    keep_daily: Annotated[int, Field(ge=1, le=366)] = 7,
-    keep_weekly: Annotated[int, Field(ge=0, le=520)] = 4,
+    keep_daily: Annotated[int, Field(ge=1, le=366)] = DEFAULT_KEEP_DAILY,
+    keep_weekly: Annotated[int, Field(ge=0, le=520)] = DEFAULT_KEEP_WEEKLY,
     verify_restore: bool = False,
 ) -> dict[str, Any]:
     """Back the application database up to S3, streamed and checksummed; apply retention.
+
+    Guarantees:
+    - Streamed: `pg_dump -Fc` (an archive pg_restore can restore selectively and in parallel)
+      goes straight to S3 by multipart upload, in bounded memory and never to local disk.
+    - Verifiable: a manifest `<archive>.manifest.json` is stored only after the archive is
+      whole — database, server version, start and end, size, SHA-256, compression and every
+      table's row count, counted in the very snapshot pg_dump dumped. No manifest, no backup.
+    - Nothing partial: a failed or interrupted backup aborts its upload (and an upload a
+      crashed run left behind is aborted by the next run), so the bucket holds complete
+      backups only — plus, at worst, an archive without manifest, which nothing restores and
+      retention deletes.
+    - Retention: the newest backup of each of the last `keep_daily` days and `keep_weekly`
+      ISO weeks is kept; everything else of this database is deleted. A retention that would
+      delete a backup the defaults (7 daily, 4 weekly: the nightly schedule) keep waits for an
+      approval listing what it deletes, after the new backup is stored and the database's lock
+      released; rejected or timed out, nothing is deleted. The defaults never pause.
+    - Never at the same time as a restore or migrations of the same database (its lock).
+    - Optionally proven: `verify_restore` restores it into a scratch database and compares
+      every table's row count with the manifest (the scratch database is always dropped).
+    - A failure notifies chat (best effort: a chat outage never hides the failure).
 
     Args:
         compression: zstd (pg_dump -Z0, compressed in the stream: several times faster) or
             gzip (pg_dump's own -Fc compression). The manifest records which.
         keep_daily: Keep the newest backup of each of this many most recent days (1-366).
         keep_weekly: Keep the newest backup of each of this many most recent ISO weeks
-            (0-520), on top of the daily ones.
+            (0-520), on top of the daily ones. Fewer than the defaults (7, 4) need an
+            approval if they would delete a backup the defaults keep.
         verify_restore: Also restore the new backup into a scratch database and compare
             every table's row count with the manifest (takes as long as a restore).
     """
@@ -121,15 +139,11 @@ def backup(
                 with timer.step("verify by restoring"):
                     _verify_by_restoring(bucket, manifest, database)
 
-            # 5. Apply retention to this database's backups.
-            with timer.step("apply retention"):
-                retention = plan_retention(
-                    catalogue(list_objects(bucket, prefix), prefix), keep_daily, keep_weekly
-                )
-                if retention.keys_to_delete:
-                    delete_objects(
-                        bucket, list(retention.keys_to_delete), len(retention.keys_to_delete)
-                    )
+            # 5. Plan retention while no backup of this database can be in progress.
+            with timer.step("plan retention"):
+                entries = catalogue(list_objects(bucket, prefix), prefix)
+                retention = plan_retention(entries, keep_daily, keep_weekly)
+                beyond = deleted_beyond_defaults(entries, retention)
     except BaseException as exc:
         failure = f"Backup {backup_id} of database {database} failed: {exc}"
         create_markdown_artifact(
@@ -139,10 +153,33 @@ def backup(
             "Without a manifest it is never restored; the next run removes what is left of "
             "it.\n\n### Steps\n\n" + timer.markdown(),
         )
-        notify_chat(f":x: {failure}")
+        announce(f":x: {failure}")
         raise
 
-    # 6. Report.
+    # 6. Apply retention; deleting what the defaults keep needs an approval first.
+    try:
+        with timer.step("apply retention"):
+            if beyond:
+                approval = retention_approval(database, retention, beyond, keep_daily, keep_weekly)
+                request_approval(
+                    Plan(approval.title, approval.target, approval.steps, approval.facts)
+                )
+            if retention.keys_to_delete:
+                delete_objects(
+                    bucket, list(retention.keys_to_delete), len(retention.keys_to_delete)
+                )
+    except BaseException as exc:
+        failure = (
+            f"Backup {backup_id} of {database} is stored, but retention was not applied "
+            f"(nothing was deleted): {exc}"
+        )
+        _publish(failure, bucket, manifest, retention, stale, verify_restore, timer, applied=False)
+        announce(f":warning: {failure}")
+        if isinstance(exc, Exception):  # the run's message must say the backup is stored
+            raise RetentionNotApplied(failure) from exc
+        raise
+
+    # 7. Report.
     summary = (
         f"Backup {backup_id} of {database}: {human_size(manifest.size_bytes)} "
         f"({compression}) at s3://{bucket}/{key}; kept {len(retention.keep)}, "
@@ -211,6 +248,7 @@ def _publish(
     stale: list[str],
     verified: bool,
     timer: StepTimer,
+    applied: bool = True,
 ) -> None:
     seconds = (manifest.finished_at - manifest.started_at).total_seconds()
     facts = [
@@ -243,7 +281,7 @@ def _publish(
                 markdown_table(facts),
                 "### Rows at dump time (same snapshot)",
                 markdown_table(counts),
-                "### Retention",
+                "### Retention" + ("" if applied else " (not applied: nothing was deleted)"),
                 markdown_table(retained),
                 "### Steps",
                 timer.markdown(),

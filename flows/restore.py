@@ -6,27 +6,15 @@
 
 The runbook's version restores into the live database: a failure half-way leaves it half
 old, half restored. Here the backup is restored beside it and swapped in only when whole.
-Guarantees:
-- Checked before anything changes: the backup exists and is complete, its manifest reads,
-  the stored archive has the manifest's size and SHA-256, and pg_restore can read it.
-- Approval shows the backup's age, size, source database, schema version, and the target.
-- The live database is untouched unless the restore fully succeeded: the backup goes
-  into a new scratch database, is checked table by table against the manifest's row
-  counts, and only then swapped in by two renames in one transaction. The old database
-  is kept as `<name>_pre_restore_<UTC time>` until someone drops it.
-- Writers stopped meanwhile: backend and workers are scaled to 0 and always scaled back
-  to the replica counts recorded before the run — also when it fails. A failure before
-  the swap also drops the scratch database.
-- Health is checked after the swap (the health-check flow, as a subflow); chat is told.
-- Never at the same time as a backup or migrations of the same database (its lock, held
-  from the first check to the last step, so what the approver saw stays true).
+The guarantees are in the flow's docstring.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
-from collections.abc import Callable
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 from prefect import flow
@@ -44,20 +32,31 @@ from runbook.decisions.backups import (
     archive_problem,
     backups_prefix,
     catalogue,
-    dated_database_name,
-    human_age,
-    human_size,
     parse_manifest,
     row_count_problems,
     select_backup,
+)
+from runbook.decisions.restore import (
+    DiskSpace,
+    LiveState,
+    RestoreOutcome,
+    RestorePlan,
+    outcome_report,
+    plan_restore,
+    volume_capacity,
 )
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import database_label, load_settings
 from tasks.approval import Plan, request_approval
 from tasks.aws import get_object_bytes, hash_object, list_objects
-from tasks.kubernetes import read_deployment_scale, scale_deployment, wait_for_rollout
-from tasks.locks import exclusive
-from tasks.notify import notify_chat
+from tasks.kubernetes import (
+    read_deployment_scale,
+    read_statefulset,
+    scale_deployment,
+    wait_for_rollout,
+)
+from tasks.locks import exclusive_all
+from tasks.notify import announce
 from tasks.postgres import (
     count_rows,
     create_database,
@@ -65,9 +64,12 @@ from tasks.postgres import (
     drop_database,
     list_archive,
     pg_restore_from_s3,
+    read_database_sizes,
     read_schema_version,
+    read_wal_size,
     swap_databases,
 )
+from tasks.retry_policy import done_if_gone
 
 
 class BackupRefused(RuntimeError):
@@ -75,7 +77,7 @@ class BackupRefused(RuntimeError):
 
 
 class RestoreFailed(RuntimeError):
-    """The restore failed; the message says what state the database is in."""
+    """The restore failed; the run's report says what state the database is in."""
 
 
 def _run_name() -> str:
@@ -87,8 +89,34 @@ def _run_name() -> str:
 def restore(
     backup_id: Annotated[str, Field(pattern=rf"^({LATEST}|{BACKUP_ID_PATTERN})$")] = LATEST,
     jobs: Annotated[int, Field(ge=1, le=16)] = 1,
+    allow_schema_change: bool = False,
 ) -> dict[str, Any]:
     """Restore the application database from a backup, beside it, then swap it in.
+
+    Guarantees:
+    - Checked before anything changes: the backup exists and is complete, its manifest
+      reads, the stored archive has the manifest's size and SHA-256, pg_restore can read
+      it; its schema (alembic) version is the live one unless `allow_schema_change` is
+      ticked; the database server's volume has room for a second copy (capacity -
+      every database - WAL >= the live database x 1.2), else refused with the numbers.
+    - Approval shows the backup's age, size, source database, both schema versions, the
+      disk space and the target.
+    - The live database is untouched unless the restore fully succeeded: the backup goes
+      into a new scratch database, is checked table by table against the manifest's row
+      counts, and only then swapped in by two renames in one transaction. The old database
+      is kept as `<name>_pre_restore_<UTC time>` until someone drops it; a failure before
+      the swap drops the scratch database.
+    - Downtime covers the row-count check and the swap only: pg_restore runs while the
+      writers (backend and workers) keep running, as nothing reads the scratch database.
+      Then they are scaled to 0 and always scaled back to the replica counts recorded
+      before the run — also when it fails.
+    - Every path ends with a report artifact and a chat message saying what is true: the
+      database swapped or not (and the kept previous one), the writers scaled back or which
+      were not. A chat failure never changes the outcome nor hides the cause.
+    - Health is checked after the swap (the health-check flow, as a subflow).
+    - Holds the locks of the database and of the backend and workers Deployments from the
+      first check to the last step: no backup or migrations of the database meanwhile, no
+      `scale` bringing writers back mid-restore, and what the approver saw stays true.
 
     Args:
         backup_id: Which backup: `latest` (the newest complete one) or an id such as
@@ -96,103 +124,165 @@ def restore(
         jobs: pg_restore --jobs. 1 streams the backup from S3 straight into pg_restore;
             more copies it to a local temporary file first (pg_restore needs one to work
             in parallel): worth it on a server with cores to spare (1-16).
+        allow_schema_change: Restore even if the backup's schema (alembic) version differs
+            from the live database's; the backend must then be migrated to match.
     """
     settings = load_settings()
-    logger = get_run_logger()
     timer = StepTimer()
     database = settings.database_name
     bucket, prefix = settings.backup_bucket, backups_prefix(settings.backup_prefix, database)
-    workloads = [settings.backend_deployment, settings.workers_deployment]
+    writers = [settings.backend_deployment, settings.workers_deployment]
+    locks = [f"database/{database}", *(f"deployment/{name}" for name in writers)]
+    outcome = RestoreOutcome(database)
 
-    with exclusive(f"database/{database}"):
+    with reported(outcome, timer), exclusive_all(locks):
         # 1. Find the backup: the one asked for, or the newest complete one.
         with timer.step("find the backup"):
             entry = select_backup(catalogue(list_objects(bucket, prefix), prefix), backup_id)
 
         # 2. Check it before anything changes: manifest, size and checksum, readable.
         with timer.step("check the backup"):
-            try:
-                manifest, tables = _check_backup(bucket, entry)
-            except BackupRefused as exc:
-                notify_chat(f":x: Restore of {database} refused: {exc}")
-                raise
+            manifest, tables = _check_backup(bucket, entry)
 
-        # 3. Record the replicas to scale back to, and what is live now.
-        replicas = {name: read_deployment_scale(name) for name in workloads}
-        live_schema = read_schema_version(database)
+        # 3. Record what is live: replicas to scale back to, schema version, disk space.
+        live = _read_live_state(database, writers, manifest)
 
-        # 4. Ask, showing age, size, source and target.
-        now = dt.datetime.now(dt.UTC)
-        scratch = dated_database_name(database, "restore", now)
-        keep_as = dated_database_name(database, "pre_restore", now)
-        plan = _plan(database, manifest, tables, replicas, live_schema, scratch, keep_as, now)
+        # 4. Plan it; refuse a schema change not allowed, or a copy the disk cannot hold.
+        plan = plan_restore(manifest, len(tables), live, allow_schema_change, _now())
+        outcome.plan = plan
+
+        # 5. Ask, showing age, size, source, schema versions, disk space and target.
         with timer.step("approval"):
-            request_approval(plan)
+            request_approval(Plan(plan.title, plan.target, plan.steps, plan.facts))
 
-        swapped, failure = False, "interrupted"
-        try:
-            # 5. Stop the writers: backend and workers to zero.
-            with timer.step("scale to 0"):
-                for name in workloads:
-                    scale_deployment(name, 0)
-
-            # 6. Restore into a scratch database beside the live one.
-            with timer.step(f"pg_restore into {scratch}"):
-                create_database(scratch, like=database)
+        # 6. Restore into a scratch database beside the live one; writers keep running.
+        with scratch_database(plan.scratch, database, outcome):
+            with timer.step(f"pg_restore into {plan.scratch}"):
                 pg_restore_from_s3(
                     bucket,
                     manifest.archive_key,
                     manifest.compression,
                     manifest.sha256,
-                    scratch,
+                    plan.scratch,
                     jobs,
                 )
 
-            # 7. Validate it: every table's row count as in the manifest.
-            with timer.step("compare row counts"):
-                restored = count_rows(scratch)
-                problems = row_count_problems(manifest.row_counts, restored)
-                if problems:
-                    raise RestoreFailed(
-                        f"{scratch} does not match the manifest: {'; '.join(problems[:10])}"
-                    )
+            # 7. Stop the writers, for the last check and the swap only.
+            with writers_stopped(plan.replicas, outcome, timer):
+                # 8. Every table's row count as in the manifest, or no swap.
+                with timer.step("compare row counts"):
+                    _compare_row_counts(plan, outcome)
 
-            # 8. Swap it in; the old database stays, renamed.
-            with timer.step("swap databases"):
-                swap_databases(database, scratch, keep_as)
-                swapped = True
-        except BaseException as exc:
-            failure = (
-                f"Restore of {database} from {manifest.backup_id} failed: {exc}. "
-                "The live database was not changed."
-            )
-            logger.error("%s Putting things back.", failure)
-            notify_chat(f":x: {failure}")
-            raise
-        finally:
-            # 9. Whatever happened: no scratch database left, replicas as recorded.
-            with timer.step("scale back"):
-                _put_back(None if swapped else scratch, replicas)
-            if not swapped:
-                _publish_failure(failure, replicas, timer)
+                # 9. Swap it in; the old database stays, renamed.
+                with timer.step("swap databases"):
+                    swap_databases(database, plan.scratch, plan.keep_as)
+                    outcome.swapped = True
 
-        # 10. Wait for the workloads, then check the platform's health.
+        # 10. Wait for the writers, then check the platform's health.
         with timer.step("health check"):
-            health_problem = _check_health(replicas)
+            outcome.health = _check_health(plan.replicas)
+        if outcome.health:
+            raise RestoreFailed(f"the health check failed afterwards: {outcome.health}")
 
-    summary = (
-        f"Restored {database} from backup {manifest.backup_id} "
-        f"({human_size(manifest.size_bytes)}, taken {manifest.finished_at:%Y-%m-%d %H:%M} UTC); "
-        f"the previous database is kept as {keep_as}"
-    )
-    _publish(summary, manifest, restored, replicas, health_problem, timer)
-    if health_problem:
-        message = f"{summary}, but the health check failed afterwards: {health_problem}"
-        notify_chat(f":warning: {message}")
-        raise RestoreFailed(message)
-    notify_chat(f":white_check_mark: {summary}")
-    logger.info(summary)
-    return {"backup_id": manifest.backup_id, "database": database, "previous_database": keep_as}
+    return {
+        "backup_id": manifest.backup_id,
+        "database": database,
+        "previous_database": plan.keep_as,
+    }
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+# --- what undoes itself ---------------------------------------------------------------------
+
+
+@contextmanager
+def scratch_database(name: str, like: str, outcome: RestoreOutcome) -> Iterator[str]:
+    """`CREATE DATABASE name` for the block; dropped afterwards unless it was swapped in.
+
+    The drop is `DROP … IF EXISTS`: safe to run twice, and a no-op once the name is gone.
+    A failed drop is reported; it only fails the run if nothing else already did.
+    """
+    outcome.scratch_created = True  # before the call: a lost answer may hide a creation
+    try:
+        create_database(name, like=like)
+        yield name
+    except BaseException:
+        _drop_scratch(name, outcome)
+        raise
+    _drop_scratch(name, outcome)
+    if outcome.scratch_left:
+        raise RestoreFailed(f"could not drop {name}: {outcome.scratch_left}")
+
+
+def _drop_scratch(name: str, outcome: RestoreOutcome) -> None:
+    if outcome.swapped:
+        return  # the scratch database is the live one now, under the live name
+    try:
+        drop_database(name)
+    except Exception as exc:
+        get_run_logger().error("could not drop %s: %s", name, exc)
+        outcome.scratch_left = str(exc)
+
+
+@contextmanager
+def writers_stopped(
+    replicas: Mapping[str, int], outcome: RestoreOutcome, timer: StepTimer
+) -> Iterator[None]:
+    """Scale the writers to 0 for the block, then back to `replicas`, whatever happens.
+
+    Each one is tried even if another fails; the outcome records which came back. A
+    failure to scale back fails the run only if nothing else already did (the first
+    cause stays the run's error; the report names both).
+    """
+    try:
+        with timer.step("scale writers to 0"):
+            for name in replicas:
+                outcome.stopped.append(name)  # before the call: it may apply and still fail
+                scale_deployment(name, 0)
+        yield
+    except BaseException:
+        _scale_back(replicas, outcome, timer)
+        raise
+    _scale_back(replicas, outcome, timer)
+    if outcome.not_scaled_back:
+        failed = ", ".join(f"deployment/{n}" for n in outcome.not_scaled_back)
+        raise RestoreFailed(f"could not scale {failed} back")
+
+
+def _scale_back(replicas: Mapping[str, int], outcome: RestoreOutcome, timer: StepTimer) -> None:
+    """Scale every stopped writer back; safe to run twice (a scale is idempotent)."""
+    logger = get_run_logger()
+    with timer.step("scale writers back"):
+        for name in outcome.stopped:
+            try:
+                if not done_if_gone(functools.partial(scale_deployment, name, replicas[name])):
+                    logger.warning("deployment/%s is gone; nothing to scale back", name)
+            except Exception as exc:
+                logger.error(
+                    "could not scale deployment/%s back to %d: %s", name, replicas[name], exc
+                )
+                outcome.not_scaled_back[name] = str(exc)
+            else:
+                outcome.scaled_back[name] = replicas[name]
+                outcome.not_scaled_back.pop(name, None)
+
+
+@contextmanager
+def reported(outcome: RestoreOutcome, timer: StepTimer) -> Iterator[None]:
+    """Publish the report and tell chat when the block ends, however it ends."""
+    try:
+        yield
+    except BaseException as exc:
+        outcome.error = str(exc) or type(exc).__name__
+        raise
+    finally:
+        _publish(outcome, timer)
+
+
+# --- steps -----------------------------------------------------------------------------------
 
 
 def _check_backup(bucket: str, entry: BackupEntry) -> tuple[Manifest, list[str]]:
@@ -216,66 +306,41 @@ def _check_backup(bucket: str, entry: BackupEntry) -> tuple[Manifest, list[str]]
     return manifest, tables
 
 
-def _plan(
-    database: str,
-    manifest: Manifest,
-    tables: list[str],
-    replicas: dict[str, int],
-    live_schema: str | None,
-    scratch: str,
-    keep_as: str,
-    now: dt.datetime,
-) -> Plan:
-    stop = ", ".join(f"deployment/{n} ({c} → 0)" for n, c in replicas.items())
-    back = ", ".join(f"deployment/{n} to {c}" for n, c in replicas.items())
-    return Plan(
-        title=f"Restore database {database} from backup {manifest.backup_id}",
-        target=f"database/{database}",
-        steps=(
-            f"Scale {stop}",
-            f"Create database {scratch} and pg_restore the backup into it",
-            f"Check the row count of each of its {len(manifest.row_counts)} tables against "
-            "the manifest",
-            f"In one transaction: rename {database} → {keep_as}, {scratch} → {database}",
-            f"Scale {back}; check health",
-            f"If anything fails before the swap: drop {scratch}, scale back; {database} is "
-            "not touched",
-        ),
-        facts={
-            "backup": manifest.backup_id,
-            "taken": f"{manifest.finished_at:%Y-%m-%d %H:%M:%S} UTC, "
-            f"{human_age(now - manifest.finished_at)} ago",
-            "size": f"{human_size(manifest.size_bytes)} stored ({manifest.compression}), "
-            f"{human_size(manifest.dump_bytes)} archive",
-            "source database": f"{manifest.database} (PostgreSQL {manifest.server_version})",
-            "target": describe_database(database),
-            "rows in the backup": f"{manifest.total_rows} in {len(tables)} tables",
-            "schema version": f"backup {manifest.schema_version or '-'}, live {live_schema or '-'}",
-            "checksum": f"SHA-256 verified ({manifest.sha256[:16]}…)",
-            "previous database kept as": keep_as,
-        },
+def _read_live_state(database: str, writers: list[str], manifest: Manifest) -> LiveState:
+    """Replica counts, schema version and disk usage of the live platform."""
+    settings = load_settings()
+    capacity: int | None = settings.postgres_volume_bytes
+    if capacity is not None:
+        source = "RUNBOOK_POSTGRES_VOLUME_BYTES"
+    else:
+        capacity, source = volume_capacity(read_statefulset(settings.postgres_statefulset))
+    space = DiskSpace(
+        capacity=capacity,
+        capacity_source=source,
+        database_sizes=read_database_sizes(),
+        wal_bytes=read_wal_size(),
+        live_database=database,
+        dump_bytes=manifest.dump_bytes,
+    )
+    return LiveState(
+        database=database,
+        location=describe_database(database),
+        replicas={name: read_deployment_scale(name) for name in writers},
+        schema_version=read_schema_version(database),
+        space=space,
     )
 
 
-def _put_back(scratch: str | None, replicas: dict[str, int]) -> None:
-    """Drop the scratch database (if any) and scale every workload back; try every step
-    even if one fails, and raise the first failure afterwards."""
-    failures: list[BaseException] = []
-    steps: list[Callable[[], object]] = (
-        [functools.partial(drop_database, scratch)] if scratch else []
-    )
-    steps += [functools.partial(scale_deployment, n, c) for n, c in replicas.items()]
-    for step in steps:
-        try:
-            step()
-        except Exception as exc:
-            get_run_logger().error("could not put things back: %s", exc)
-            failures.append(exc)
-    if failures:
-        raise RestoreFailed(f"putting things back failed: {failures[0]}") from failures[0]
+def _compare_row_counts(plan: RestorePlan, outcome: RestoreOutcome) -> None:
+    outcome.restored_rows = count_rows(plan.scratch)
+    problems = row_count_problems(plan.manifest.row_counts, outcome.restored_rows)
+    if problems:
+        raise RestoreFailed(
+            f"{plan.scratch} does not match the manifest: {'; '.join(problems[:10])}"
+        )
 
 
-def _check_health(replicas: dict[str, int]) -> str:
+def _check_health(replicas: Mapping[str, int]) -> str:
     """Wait for the scaled-back workloads, then run the health check; empty if healthy."""
     try:
         for name, count in replicas.items():
@@ -283,55 +348,50 @@ def _check_health(replicas: dict[str, int]) -> str:
                 wait_for_rollout(name, deadline_seconds=300)
         health_check(notify_on_failure=False)
     except Exception as exc:
-        return str(exc)
+        return str(exc) or type(exc).__name__
     return ""
 
 
-def _publish(
-    summary: str,
-    manifest: Manifest,
-    restored: dict[str, int],
-    replicas: dict[str, int],
-    health_problem: str,
-    timer: StepTimer,
-) -> None:
+# --- the report --------------------------------------------------------------------------------
+
+
+def _publish(outcome: RestoreOutcome, timer: StepTimer) -> None:
+    """The run's report and chat message; neither may hide the run's own error."""
+    report = outcome_report(outcome)
+    logger = get_run_logger()
+    (logger.info if report.ok else logger.error)("%s", report.headline)
+    heading = (
+        "## Database restored"
+        if report.ok
+        else "## Database restore refused"
+        if not outcome.changed_anything
+        else "## Database restore failed"
+    )
+    health = {None: "not checked", "": "all checks passed"}.get(outcome.health, outcome.health)
+    manifest_rows = outcome.plan.manifest.row_counts if outcome.plan else {}
     rows = [
-        {"table": t, "manifest": n, "restored": restored.get(t, "-")}
-        for t, n in sorted(manifest.row_counts.items())
+        {"table": t, "manifest": n, "restored": outcome.restored_rows.get(t, "-")}
+        for t, n in sorted(manifest_rows.items())
     ]
-    workloads = [{"deployment": n, "replicas": c} for n, c in replicas.items()]
-    create_markdown_artifact(
-        key="restore",
-        description=summary,
-        markdown="\n\n".join(
-            [
-                "## Database restore",
-                summary,
-                f"**Health afterwards:** {health_problem or 'all checks passed'}",
-                "### Row counts",
-                markdown_table(rows),
-                "### Workloads scaled back",
-                markdown_table(workloads),
-                "### Steps",
-                timer.markdown(),
-            ]
-        ),
-    )
-
-
-def _publish_failure(failure: str, replicas: dict[str, int], timer: StepTimer) -> None:
-    workloads = [{"deployment": n, "replicas": c} for n, c in replicas.items()]
-    create_markdown_artifact(
-        key="restore",
-        description=failure,
-        markdown="\n\n".join(
-            [
-                "## Database restore failed",
-                failure,
-                "### Workloads scaled back",
-                markdown_table(workloads),
-                "### Steps",
-                timer.markdown(),
-            ]
-        ),
-    )
+    facts = outcome.plan.facts if outcome.plan else {}
+    sections = [
+        heading,
+        report.headline,
+        f"**Database swapped:** {'yes' if outcome.swapped else 'no'}",
+        f"**Health afterwards:** {health}",
+        "### Writers",
+        markdown_table(list(report.workloads)),
+        "### Plan",
+        markdown_table([{"": k, " ": v} for k, v in facts.items()]),
+        "### Row counts",
+        markdown_table(rows),
+        "### Steps",
+        timer.markdown(),
+    ]
+    try:
+        create_markdown_artifact(
+            key="restore", description=report.headline[:500], markdown="\n\n".join(sections)
+        )
+    except Exception as exc:
+        logger.error("could not publish the restore report: %s", exc)
+    announce((":white_check_mark: " if report.ok else ":x: ") + report.headline)

@@ -82,6 +82,13 @@ class PlatformSettings(BaseSettings):
         description="Directory of pg_dump/pg_restore. Unset: /usr/lib/postgresql/<server "
         "major>/bin, else PATH (the programs must match the server's major version).",
     )
+    postgres_volume_bytes: int | None = Field(
+        None,
+        ge=2**20,
+        le=2**60,
+        description="Capacity of the PostgreSQL data volume in bytes, for the restore's "
+        "free-space check. Unset: the StatefulSet's volumeClaimTemplate storage request.",
+    )
     postgres_maintenance_database: str = Field(
         "postgres",
         min_length=1,

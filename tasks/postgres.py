@@ -665,3 +665,29 @@ def _check_digest(digest: Any, expected: str, bucket: str, key: str) -> None:
             f"s3://{bucket}/{key} changed while it was read: SHA-256 {digest.hexdigest()[:16]}…, "
             f"the manifest says {expected[:16]}…"
         )
+
+
+# --- disk usage (the restore's free-space check) ---------------------------------------
+
+
+@task(**TRANSIENT_RETRIES)
+def read_database_sizes() -> dict[str, int | None]:
+    """`pg_database_size` of every database on the server (None where we may not connect)."""
+    with _connect() as conn:
+        rows = conn.execute(
+            "SELECT datname, CASE WHEN has_database_privilege(oid, 'CONNECT')"
+            " THEN pg_database_size(oid) END FROM pg_database ORDER BY datname"
+        ).fetchall()
+    return {str(name): None if size is None else int(size) for name, size in rows}
+
+
+@task(**TRANSIENT_RETRIES)
+def read_wal_size() -> int | None:
+    """Bytes in the server's WAL directory (`pg_ls_waldir()`); None if we may not read it
+    (it needs superuser or pg_monitor)."""
+    with _connect() as conn:
+        try:
+            row = conn.execute("SELECT coalesce(sum(size), 0) FROM pg_ls_waldir()").fetchone()
+        except psycopg.errors.InsufficientPrivilege:
+            return None
+    return int(row[0]) if row else None

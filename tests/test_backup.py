@@ -18,6 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import zstandard
+from prefect.flow_runs import resume_flow_run
 from psycopg.conninfo import make_conninfo
 
 from flows.backup import backup
@@ -32,11 +33,31 @@ from tests.backup_helpers import (
     uploads,
 )
 from tests.faults import FaultyProxy
-from tests.helpers import prefect_rest, read_artifacts
+from tests.helpers import (
+    prefect_rest,
+    read_artifacts,
+    start_in_thread,
+    wait_for_paused_run,
+)
 
 pytestmark = pytest.mark.slow
 
 PROBE = "backup_probe"
+APPROVE = {"approve": True, "approver": "alice", "reason": "CHG-7"}
+REJECT = {"approve": False, "approver": "bob", "reason": "keep them"}
+
+
+def put_old_backups(platform, old: dict[str, bool]) -> list[str]:
+    """Backups as earlier runs left them (complete = with a manifest); returns their keys."""
+    s3, keys = platform.s3(), []
+    for backup_id, complete in old.items():
+        key = f"postgres/complianceagent/{backup_id}.dump.zst"
+        s3.put_object(Bucket=BACKUP_BUCKET, Key=key, Body=b"old")
+        keys.append(key)
+        if complete:
+            s3.put_object(Bucket=BACKUP_BUCKET, Key=key + ".manifest.json", Body=b"{}")
+            keys.append(key + ".manifest.json")
+    return keys
 
 
 @pytest.fixture
@@ -155,7 +176,14 @@ def test_retention_keeps_daily_and_weekly_and_removes_incomplete(live):
             s3.put_object(Bucket=BACKUP_BUCKET, Key=key + ".manifest.json", Body=b"{}")
     s3.put_object(Bucket=BACKUP_BUCKET, Key="postgres/complianceagent/README", Body=b"mine")
 
-    state = backup(keep_daily=1, keep_weekly=2, return_state=True)
+    # Stricter than the defaults (7 daily would keep them all): it asks first.
+    run = start_in_thread(backup, keep_daily=1, keep_weekly=2)
+    paused = wait_for_paused_run("backup")
+    plan = read_artifacts(paused.id)["approval-plan"].data
+    assert "Delete 3 backups of complianceagent" in plan
+    assert "| the defaults would keep | 20261020T020000.000000Z, 20250101T020000.000000Z |" in plan
+    resume_flow_run(paused.id, run_input=APPROVE)
+    state = run.join(120)
 
     assert state.is_completed(), state.message
     result = state.result()
@@ -300,3 +328,45 @@ def test_backup_through_the_rest_api(live, served_api):
     assert refused.status_code == 409 and "keep_daily" in refused.text
     keys = objects(platform)
     assert len(keys) == 2 and keys[0].endswith(".dump")
+
+
+def test_a_rejected_strict_retention_deletes_nothing(live):
+    platform = live
+    old = put_old_backups(
+        platform, {"20261020T020000.000000Z": True, "20261021T020000.000000Z": True}
+    )
+
+    run = start_in_thread(backup, keep_daily=1, keep_weekly=0)
+    paused = wait_for_paused_run("backup")
+    plan = read_artifacts(paused.id)["approval-plan"].data
+    resume_flow_run(paused.id, run_input=REJECT)
+    state = run.join(120)
+
+    assert "Delete backup 20261021T020000.000000Z (delete: beyond retention)" in plan
+    assert "Delete backup 20261020T020000.000000Z (delete: beyond retention)" in plan
+    assert state.is_failed()
+    assert "retention was not applied (nothing was deleted)" in state.message
+    assert "rejected by bob: keep them" in state.message
+    # The new backup is stored whole, and every old one is still there.
+    new = [k for k in objects(platform) if k not in old]
+    assert len(new) == 2 and new[1] == new[0] + ".manifest.json"
+    assert set(old) <= set(objects(platform))
+    report = read_artifacts(paused.id)["backup"].data
+    assert "### Retention (not applied: nothing was deleted)" in report
+
+
+def test_the_scheduled_defaults_delete_without_asking(live, monkeypatch):
+    # Were it to pause, it would fail in 5 s instead of hanging the test.
+    monkeypatch.setenv("RUNBOOK_APPROVAL_TIMEOUT_SECONDS", "5")
+    platform = live
+    mondays = [f"2025{month:02d}{day:02d}T020000.000000Z" for month, day in
+               [(1, 6), (1, 13), (1, 20), (1, 27), (2, 3), (2, 10), (2, 17), (2, 24)]]  # fmt: skip
+    put_old_backups(platform, {**dict.fromkeys(mondays, True), "20250303T020000.000000Z": False})
+
+    state = backup(return_state=True)
+
+    assert state.is_completed(), state.message
+    result = state.result()
+    # 7 daily = today's and the 6 newest Mondays; the 2 oldest and the incomplete one go.
+    assert sorted(result["deleted"]) == [*mondays[:2], "20250303T020000.000000Z"]
+    assert "approval-plan" not in read_artifacts(state.state_details.flow_run_id)

@@ -8,13 +8,30 @@ session is not affected.
 
 from __future__ import annotations
 
+import re
+import threading
+import time
+
+import psycopg
 import pytest
+from kubernetes import client as k8s
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
 from prefect.flow_runs import resume_flow_run
 from psycopg.conninfo import make_conninfo
 
 from flows.backup import backup
 from flows.restore import restore
-from sandbox.platform import BACKUP_BUCKET
+from sandbox.platform import BACKUP_BUCKET, NAMESPACE
+from tasks.kubernetes import api_client, scale_deployment
+from tasks.locks import exclusive, lock_name
 from tests.backup_helpers import (
     clear_backups,
     databases,
@@ -25,7 +42,7 @@ from tests.backup_helpers import (
     scale_writes,
     stored_by_the_server,
 )
-from tests.helpers import read_artifacts, start_in_thread, wait_for_paused_run
+from tests.helpers import read_artifacts, read_flow_run, start_in_thread, wait_for_paused_run
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +75,28 @@ def organizations(platform) -> list[str]:
     ]
 
 
+LOCKS = ("database/complianceagent", "deployment/backend", "deployment/celery-workers")
+
+
+def held_slots(*targets: str) -> dict[str, int]:
+    with get_client(sync_client=True) as prefect_api:
+        return {
+            t: prefect_api.read_global_concurrency_limit_by_name(lock_name(t)).active_slots
+            for t in targets
+        }
+
+
+def task_run_end(run_id, name_prefix: str) -> float:
+    """When the run's task whose name starts with `name_prefix` finished (epoch seconds)."""
+    with get_client(sync_client=True) as prefect_api:
+        task_runs = prefect_api.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+        )
+    (found,) = [t for t in task_runs if t.name.startswith(name_prefix)]
+    assert found.end_time is not None
+    return found.end_time.timestamp()
+
+
 def approve_and_wait(decision=APPROVE):
     paused = wait_for_paused_run("restore")
     plan = read_artifacts(paused.id)["approval-plan"].data
@@ -77,6 +116,9 @@ def test_restore_brings_back_exactly_the_backed_up_rows(live):
 
     # jobs=2: the archive goes to a temporary file and pg_restore runs two workers.
     run = start_in_thread(restore, jobs=2)
+    paused = wait_for_paused_run("restore")
+    # While it waits for approval it holds the database's and both writers' locks.
+    assert held_slots(*LOCKS) == {target: 1 for target in LOCKS}
     paused, plan = approve_and_wait()
     state = run.join(120)
 
@@ -95,7 +137,9 @@ def test_restore_brings_back_exactly_the_backed_up_rows(live):
     assert after[kept] == before["complianceagent"]  # … the old one kept under a dated name
     old_dsn = make_conninfo(platform.postgres.dsn, dbname=kept)
     assert ("late@example.com",) in query(old_dsn, "SELECT email FROM users")
-    # Writers were stopped and came back to what they were.
+    # The writers were stopped only after pg_restore had finished, and came back.
+    restored_at = task_run_end(paused.id, "pg_restore s3://")
+    assert platform.kube.writes and all(w.at > restored_at for w in platform.kube.writes)
     assert scale_writes(platform) == [
         ("backend", 0),
         ("celery-workers", 0),
@@ -218,16 +262,239 @@ def test_pg_restore_failing_midway_leaves_the_live_database_and_replicas_as_they
     assert databases(platform) == before
     assert users(platform) == rows
     assert query(platform.postgres.dsn, "SELECT count(*) FROM audit_log") == [(3,)]
-    # The writers were stopped, then put back where they were.
-    assert scale_writes(platform) == [
-        ("backend", 0),
-        ("celery-workers", 0),
-        ("backend", 3),
-        ("celery-workers", 4),
-    ]
+    # pg_restore runs before the writers are stopped: they were never touched.
+    assert scale_writes(platform) == []
     assert (replicas(platform, "backend"), replicas(platform, "celery-workers")) == (3, 4)
     chat = platform.receiver.wait_for(lambda n: "failed" in n.json.get("text", ""))
     assert "The live database was not changed" in chat.json["text"]
+    assert "No workload was scaled" in chat.json["text"]
     report = read_artifacts(paused.id)["restore"].data
     assert "Database restore failed" in report and "failed: PostgresToolError" in report
     assert platform.postgres.app_password not in state.message
+
+
+# --- refusals before any change: schema version, disk space --------------------------------
+
+
+@pytest.fixture
+def newer_live_schema(live):
+    """The live database migrated past the backup (as after `flows/migrations.py`)."""
+    backup_id = take_backup()
+    query(live.postgres.dsn, "UPDATE alembic_version SET version_num = 'a7e3f09b12c4'")
+    try:
+        yield backup_id
+    finally:
+        query(live.postgres.dsn, "UPDATE alembic_version SET version_num = '3f2a9c1d7e10'")
+
+
+def test_a_schema_change_is_refused_unless_the_operator_allows_it(live, newer_live_schema):
+    platform = live
+    before, rows = databases(platform), users(platform)
+    platform.kube.clear_writes()
+
+    refused = restore(backup_id=newer_live_schema, return_state=True)
+
+    assert refused.is_failed()
+    assert refused.message.startswith(
+        "Flow run encountered an exception: Refused: allow_schema_change: the backup's schema "
+        "version is 3f2a9c1d7e10, the live database's is a7e3f09b12c4"
+    )
+    assert platform.kube.writes == []
+    assert databases(platform) == before and users(platform) == rows
+    chat = platform.receiver.wait_for(lambda n: n.path.startswith("/slack"))
+    assert "Restore of complianceagent refused: allow_schema_change:" in chat.json["text"]
+
+    # Ticked: the approver sees both versions and that the change was allowed.
+    run = start_in_thread(restore, backup_id=newer_live_schema, allow_schema_change=True)
+    _, plan = approve_and_wait(REJECT)
+    assert run.join(60).is_failed()
+    assert "| schema version | backup 3f2a9c1d7e10, live a7e3f09b12c4 — DIFFERENT;" in plan
+    assert platform.kube.writes == []
+    assert databases(platform) == before
+
+
+@pytest.fixture
+def tiny_volume(live):
+    """The postgres StatefulSet claims a 2 MiB data volume, as a real manifest would say."""
+    apps = k8s.AppsV1Api(api_client())
+    original = apps.read_namespaced_stateful_set("postgres", NAMESPACE).to_dict()
+    body = apps.api_client.sanitize_for_serialization(
+        apps.read_namespaced_stateful_set("postgres", NAMESPACE)
+    )
+    body["spec"]["volumeClaimTemplates"] = [
+        {
+            "metadata": {"name": "data"},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "resources": {"requests": {"storage": "2Mi"}},
+            },
+        }
+    ]
+    body["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "data", "mountPath": "/var/lib/postgresql/data"}
+    ]
+    apps.delete_namespaced_stateful_set("postgres", NAMESPACE, propagation_policy="Orphan")
+    for managed in ("resourceVersion", "uid", "creationTimestamp", "generation"):
+        body["metadata"].pop(managed, None)
+    apps.create_namespaced_stateful_set(NAMESPACE, body)
+    try:
+        yield live
+    finally:
+        apps.delete_namespaced_stateful_set("postgres", NAMESPACE, propagation_policy="Orphan")
+        restored = apps.api_client.sanitize_for_serialization(original)
+        restored["metadata"] = {"name": "postgres", "namespace": NAMESPACE}
+        apps.create_namespaced_stateful_set(NAMESPACE, restored)
+
+
+def test_a_restore_the_disk_cannot_hold_is_refused_with_the_numbers(tiny_volume):
+    platform = tiny_volume
+    backup_id = take_backup()
+    before = databases(platform)
+    platform.kube.clear_writes()
+
+    state = restore(backup_id=backup_id, return_state=True)
+
+    assert state.is_failed()
+    assert "NotEnoughSpace: not enough disk for a second copy of complianceagent: " in (
+        state.message
+    )
+    assert re.search(r"free \(-?\d+ bytes\), ≈ [\d.]+ MiB needed \(\d+ bytes\)", state.message)
+    assert "statefulset/postgres claim data: 2Mi" in state.message
+    assert platform.kube.writes == []
+    assert databases(platform) == before  # no scratch database was created
+
+
+# --- locks -----------------------------------------------------------------------------------
+
+HELD = threading.Event()
+RELEASE = threading.Event()
+
+
+@flow
+def scale_holding_the_lock(target: str) -> None:
+    with exclusive(target):
+        HELD.set()
+        RELEASE.wait(120)
+
+
+def test_restore_waits_for_a_scale_that_holds_a_writers_lock(live):
+    platform = live
+    take_backup()
+    platform.kube.clear_writes()
+    HELD.clear()
+    RELEASE.clear()
+    holder = threading.Thread(
+        target=scale_holding_the_lock, args=("deployment/celery-workers",), daemon=True
+    )
+    holder.start()
+    try:
+        assert HELD.wait(120), "the holder never got the lock"
+        run = start_in_thread(restore)
+        # It takes its locks in name order: database, backend, then waits for the workers'.
+        give_up = time.monotonic() + 60
+        while held_slots("deployment/backend")["deployment/backend"] != 1:
+            assert time.monotonic() < give_up, "restore never took deployment/backend"
+            time.sleep(0.1)
+        assert held_slots(*LOCKS) == {target: 1 for target in LOCKS}  # 1 is the holder's
+        (restoring,) = _running_restores()
+        assert not read_flow_run(restoring).state.is_paused()  # not even asking yet
+        assert platform.kube.writes == []
+    finally:
+        RELEASE.set()
+        holder.join(120)
+    approve_and_wait(REJECT)
+    assert run.join(60).is_failed()
+    assert platform.kube.writes == []
+
+
+def _running_restores():
+    with get_client(sync_client=True) as prefect_api:
+        runs = prefect_api.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
+            )
+        )
+        return [r.id for r in runs if prefect_api.read_flow(r.flow_id).name == "restore"]
+
+
+# --- the report tells the truth, and chat cannot change it ---------------------------------
+
+
+@pytest.fixture
+def gated_backup(live):
+    """A backup whose last table, `zz_gate`, a test can lock in the scratch database once
+    pg_restore has loaded it: the row-count check then waits, with the writers stopped,
+    until the test lets go. (No index or constraint: pg_restore never comes back to it.)"""
+    query(live.postgres.dsn, "CREATE TABLE zz_gate (n int); INSERT INTO zz_gate VALUES (1)")
+    try:
+        yield take_backup()
+    finally:
+        query(live.postgres.dsn, "DROP TABLE IF EXISTS zz_gate")
+        scale_deployment.fn("backend", 3)
+
+
+def _lock_gate(platform, scratch: str) -> psycopg.Connection:
+    dsn = make_conninfo(platform.postgres.admin_dsn, dbname=scratch)
+    give_up = time.monotonic() + 60
+    while time.monotonic() < give_up:
+        try:
+            gate = psycopg.connect(dsn)
+            if gate.execute("SELECT count(*) FROM zz_gate").fetchone() == (1,):
+                gate.execute("LOCK TABLE zz_gate IN ACCESS EXCLUSIVE MODE")
+                return gate
+            gate.close()
+        except psycopg.Error:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"zz_gate never got its row in {scratch}")
+
+
+def test_scaling_back_failing_after_the_swap_is_reported_as_it_is(live, gated_backup):
+    platform = live
+    rows = users(platform)
+    platform.kube.clear_writes()
+
+    run = start_in_thread(restore, backup_id=gated_backup)
+    paused, plan = approve_and_wait()
+    (scratch,) = set(re.findall(r"complianceagent_restore_\d{8}t\d{6}z", plan))
+    gate = _lock_gate(platform, scratch)
+    # The row-count check now waits on the gate; wait for both writers to be stopped, then
+    # make the API refuse the backend's scale-back.
+    give_up = time.monotonic() + 60
+    while ("celery-workers", 0) not in scale_writes(platform):
+        assert time.monotonic() < give_up, "the writers were never stopped"
+        time.sleep(0.05)
+    platform.kube.inject_fault("PATCH", r"/deployments/backend/scale$", status=403)
+    gate.close()
+    state = run.join(120)
+
+    assert state.is_failed()
+    assert "could not scale deployment/backend back" in state.message
+    # The database was swapped: same rows, the old one kept.
+    assert users(platform) == rows
+    assert any(n.startswith("complianceagent_pre_restore_") for n in databases(platform))
+    assert (replicas(platform, "backend"), replicas(platform, "celery-workers")) == (0, 4)
+    chat = platform.receiver.wait_for(lambda n: n.path.startswith("/slack"))
+    for text in (chat.json["text"], read_artifacts(paused.id)["restore"].data):
+        assert "The database WAS swapped: complianceagent is now the restored backup" in text
+        assert "NOT scaled back: deployment/backend (scale it to 3 by hand:" in text
+        assert "Scaled back: celery-workers to 4." in text
+    assert "**Database swapped:** yes" in read_artifacts(paused.id)["restore"].data
+
+
+def test_a_chat_outage_does_not_fail_a_good_restore(live):
+    platform = live
+    backup_id = take_backup()
+    platform.receiver.fail_next(times=1, status=403)
+
+    run = start_in_thread(restore, backup_id=backup_id)
+    paused, _ = approve_and_wait()
+    state = run.join(120)
+
+    assert state.is_completed(), state.message
+    (sent,) = [n for n in platform.receiver.received if n.path.startswith("/slack")]
+    assert (
+        sent.status == 403
+        and f"Restored complianceagent from backup {backup_id}" in (sent.json["text"])
+    )
+    assert "## Database restored" in read_artifacts(paused.id)["restore"].data

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from runbook.decisions.backups import BackupEntry
-from runbook.decisions.retention import plan_retention
+from runbook.decisions.retention import (
+    DEFAULT_KEEP_DAILY,
+    DEFAULT_KEEP_WEEKLY,
+    deleted_beyond_defaults,
+    plan_retention,
+    retention_approval,
+)
 
 
 def backup(backup_id: str, complete: bool = True) -> BackupEntry:
@@ -100,3 +106,29 @@ def test_nothing_to_keep_or_delete():
 def test_bounds(daily, weekly):
     with pytest.raises(ValueError, match="keep_"):
         plan_retention(NIGHTLY, keep_daily=daily, keep_weekly=weekly)
+
+
+def test_the_defaults_never_need_an_approval():
+    entries = [*NIGHTLY, backup("20261112T020000.000000Z", complete=False)]
+    plan = plan_retention(entries, keep_daily=DEFAULT_KEEP_DAILY, keep_weekly=DEFAULT_KEEP_WEEKLY)
+    assert plan.delete  # it deletes, and that is what the schedule does every night
+    assert deleted_beyond_defaults(entries, plan) == ()
+
+
+def test_deleting_what_the_defaults_keep_needs_an_approval_listing_it():
+    plan = plan_retention(NIGHTLY, keep_daily=1, keep_weekly=0)
+    beyond = deleted_beyond_defaults(NIGHTLY, plan)
+    # The defaults keep the newest of 7 days and of 2 weeks (W45's newest is 8 Nov 14:00).
+    assert [e.backup_id for e in beyond] == [
+        f"202611{day:02d}T140000.000000Z" for day in (10, 9, 8, 7, 6, 5)
+    ]
+    approval = retention_approval("app", plan, beyond, 1, 0)
+    assert approval.title == f"Delete {len(NIGHTLY) - 1} backups of app"
+    assert approval.steps[0] == "Delete backup 20261111T020000.000000Z (delete: beyond retention)"
+    assert approval.steps[-1] == "Keep 20261111T140000.000000Z"
+    assert approval.facts["the defaults would keep"].startswith("20261110T140000.000000Z, ")
+
+
+def test_keeping_more_than_the_defaults_needs_no_approval():
+    plan = plan_retention(NIGHTLY, keep_daily=30, keep_weekly=10)
+    assert deleted_beyond_defaults(NIGHTLY, plan) == ()

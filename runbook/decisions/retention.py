@@ -13,6 +13,11 @@ from dataclasses import dataclass
 
 from runbook.decisions.backups import BackupEntry
 
+# What the nightly schedule keeps. Asking for less deletes backups these would keep,
+# and that needs an approval (`deleted_beyond_defaults`).
+DEFAULT_KEEP_DAILY = 7
+DEFAULT_KEEP_WEEKLY = 4
+
 
 @dataclass(frozen=True)
 class RetentionPlan:
@@ -60,3 +65,45 @@ def plan_retention(
             "delete: beyond retention" if entry.complete else f"delete: {entry.state}"
         )
     return RetentionPlan(keep, delete, why)
+
+
+def deleted_beyond_defaults(
+    entries: Iterable[BackupEntry], plan: RetentionPlan
+) -> tuple[BackupEntry, ...]:
+    """The backups `plan` deletes that the default retention would keep (empty: no
+    approval needed). Incomplete backups never count: the defaults delete them too."""
+    default = plan_retention(entries, DEFAULT_KEEP_DAILY, DEFAULT_KEEP_WEEKLY)
+    kept_by_default = {e.backup_id for e in default.keep}
+    return tuple(e for e in plan.delete if e.backup_id in kept_by_default)
+
+
+@dataclass(frozen=True)
+class RetentionApproval:
+    """What the approver of an unusually strict retention sees."""
+
+    title: str
+    target: str
+    steps: tuple[str, ...]
+    facts: dict[str, str]
+
+
+def retention_approval(
+    database: str,
+    plan: RetentionPlan,
+    beyond: tuple[BackupEntry, ...],
+    keep_daily: int,
+    keep_weekly: int,
+) -> RetentionApproval:
+    return RetentionApproval(
+        title=f"Delete {len(plan.delete)} backups of {database}",
+        target=f"backups/{database}",
+        steps=(
+            *(f"Delete backup {e.backup_id} ({plan.reasons[e.backup_id]})" for e in plan.delete),
+            f"Keep {', '.join(e.backup_id for e in plan.keep) or 'nothing'}",
+        ),
+        facts={
+            "asked for": f"keep_daily={keep_daily}, keep_weekly={keep_weekly}",
+            "defaults": f"keep_daily={DEFAULT_KEEP_DAILY}, keep_weekly={DEFAULT_KEEP_WEEKLY}",
+            "the defaults would keep": ", ".join(e.backup_id for e in beyond),
+        },
+    )
