@@ -21,7 +21,8 @@ from typing import Any
 from prefect import flow
 
 from bench.common import platform_and_prefect, report
-from runbook.decisions.rollout import RolloutPhase, rollout_verdict
+from runbook.decisions.deployment import deployment_view
+from runbook.decisions.rollout import RolloutPhase, rollout_outcome
 from tasks.kubernetes import (
     list_deployment_revisions,
     read_deployment,
@@ -37,10 +38,10 @@ TARGET = "frontend"
 def polling_deploy(image: str) -> None:
     """Baseline: set the image, poll every 2 s, restore the recorded template on failure."""
     recorded = list_deployment_revisions(TARGET)[-1]
-    patched = set_deployment_image(TARGET, TARGET, image)
+    generation = deployment_view(set_deployment_image(TARGET, TARGET, image)).generation
     while True:
         time.sleep(POLL_SECONDS)
-        verdict = rollout_verdict(read_deployment(TARGET), patched["metadata"]["generation"])
+        verdict = rollout_outcome(read_deployment(TARGET), generation)
         if verdict.phase is RolloutPhase.FAILED:
             restore_pod_template(TARGET, recorded["template"], "bench: polling rollback")
             return

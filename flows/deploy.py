@@ -18,6 +18,17 @@ Guarantees:
 - Two runs that change the same Deployment (deploy, rollback, scale) never interleave:
   each holds the `deployment/<name>` lock from recording to the end.
 - Production always asks for an approval; elsewhere `require_approval` asks for one.
+- A run stopped after its first write — cancelled from the UI or API, or its process sent
+  SIGTERM (a node drain, Ctrl-C) — still puts back what it touched. How: on a cancel the
+  runner first marks the run Cancelling, then SIGTERMs the process and SIGKILLs it 30 s
+  later. Prefect turns the SIGTERM into `TerminationSignal`, a `BaseException` raised in
+  the flow wherever it is (e.g. inside the rollout watch), so an `except Exception` never
+  sees it. The flow catches `BaseException`, writes the recorded templates back and
+  re-raises. Those writes are plain calls (`restore_pod_template_now`), not tasks: the
+  server refuses to start a task run once its flow run is no longer Running. Why not an
+  `on_cancellation` hook: it runs in the runner's process after this one is dead, without
+  the recorded templates, and never for a bare SIGTERM. Only a SIGKILL before the undo
+  is written escapes this; that is the reconcile runbook's case.
 """
 
 from __future__ import annotations
@@ -32,15 +43,20 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from flows.health_check import health_check
+from runbook.decisions.deployment import deployment_view
 from runbook.decisions.release import (
     TAG_PATTERN,
     Deployable,
     ImageChange,
     Recorded,
+    Undone,
     deploy_components,
+    failed_deploy_summary,
     plan_images,
     record,
+    rollback_cause,
 )
+from runbook.decisions.rollout import RolloutOutcome
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import load_settings
 from tasks.approval import Plan, request_approval
@@ -48,11 +64,12 @@ from tasks.kubernetes import (
     list_deployment_revisions,
     read_deployment,
     restore_pod_template,
+    restore_pod_template_now,
     set_deployment_image,
     wait_for_rollout,
 )
 from tasks.locks import exclusive_all
-from tasks.notify import notify_chat
+from tasks.notify import announce
 
 DEFAULT_COMPONENTS: tuple[Deployable, ...] = ("backend", "frontend")
 # The controller marks a stuck rollout at progressDeadlineSeconds; if it never says, we
@@ -83,12 +100,21 @@ def record_component(component: str, deployment: str) -> Recorded:
     return record(component, read_deployment(deployment), list_deployment_revisions(deployment))
 
 
-def roll_out(name: str, generation: int, progress_deadline_seconds: int) -> dict[str, Any]:
-    """`kubectl rollout status`; raises `RolloutFailed` unless the rollout completed."""
-    outcome = wait_for_rollout(name, generation, progress_deadline_seconds + ROLLOUT_GRACE_SECONDS)
-    if outcome["phase"] != "complete":
-        raise RolloutFailed(f"rollout of deployment/{name} failed: {outcome['detail']}")
+def watch_rollout(recorded: Recorded, generation: int) -> RolloutOutcome:
+    """`kubectl rollout status` for the change that produced `generation`; raises
+    `RolloutFailed` unless it completed (we give up 30 s after the controller should)."""
+    deadline = recorded.progress_deadline_seconds + ROLLOUT_GRACE_SECONDS
+    outcome = wait_for_rollout(recorded.deployment, generation, deadline)
+    if not outcome.complete:
+        raise RolloutFailed(f"rollout of deployment/{recorded.deployment} failed: {outcome.reason}")
     return outcome
+
+
+def roll_out(change: ImageChange) -> RolloutOutcome:
+    """`kubectl set image` and `kubectl rollout status`: the new image, rolled out."""
+    r = change.recorded
+    patched = set_deployment_image(r.deployment, r.container, change.target_image)
+    return watch_rollout(r, deployment_view(patched).generation)
 
 
 def verify_health(timeout_seconds: float) -> str:
@@ -101,40 +127,55 @@ def verify_health(timeout_seconds: float) -> str:
     return "all health checks passed"
 
 
-def roll_back(
-    touched: Sequence[ImageChange], why: str, version: str, health_timeout_seconds: float
-) -> tuple[dict[str, int], list[str], str]:
+def roll_back(touched: Sequence[ImageChange], cause: str, health_timeout_seconds: float) -> Undone:
     """Put every touched component back on its recorded pod template, then check health.
 
-    Safe to run on a component whose image was never changed (restoring the same template
-    changes nothing). Returns revisions after the undo, problems met, and the health verdict.
+    Every template is written before any rollout is awaited, so the undo is on the API
+    server as early as possible. Safe on a component whose image was never changed
+    (restoring the same template changes nothing).
     """
-    cause = f"deploy of {version} rolled back: {why}"[:500]
-    restored: dict[str, dict[str, Any]] = {}
+    generations: dict[str, int] = {}
     problems: list[str] = []
     for change in reversed(touched):
         r = change.recorded
         try:
-            restored[r.deployment] = restore_pod_template(r.deployment, r.template, cause)
+            restored = restore_pod_template(r.deployment, r.template, cause)
+            generations[r.deployment] = deployment_view(restored).generation
         except Exception as exc:
             problems.append(f"restoring deployment/{r.deployment} failed: {exc}")
     revisions: dict[str, int] = {}
     for change in reversed(touched):
         r = change.recorded
-        if r.deployment not in restored:
+        if r.deployment not in generations:
             continue
-        generation = restored[r.deployment]["metadata"]["generation"]
         try:
-            revisions[r.deployment] = roll_out(
-                r.deployment, generation, r.progress_deadline_seconds
-            )["revision"]
+            revisions[r.deployment] = watch_rollout(r, generations[r.deployment]).revision
         except Exception as exc:
             problems.append(str(exc))
     try:
         health = verify_health(health_timeout_seconds)
     except UnhealthyAfterRollout as exc:
         health = str(exc)
-    return revisions, problems, health
+    return Undone(revisions, tuple(problems), health)
+
+
+def put_back_while_stopping(touched: Sequence[ImageChange], version: str) -> None:
+    """The run is being cancelled or terminated: write every recorded template back with
+    plain calls, and log what happened (no waiting: the process has ~30 s left)."""
+    logger = get_run_logger()
+    cause = rollback_cause(version, "the run was cancelled or terminated")
+    for change in reversed(touched):
+        r = change.recorded
+        try:
+            restore_pod_template_now(r.deployment, r.template, cause)
+            logger.warning(
+                "run stopping: deployment/%s put back on revision %s's template (%s)",
+                r.deployment,
+                r.revision,
+                r.image,
+            )
+        except Exception as exc:
+            logger.error("run stopping: could not put deployment/%s back: %s", r.deployment, exc)
 
 
 @flow(name="deploy", flow_run_name=_run_name)
@@ -146,7 +187,7 @@ def deploy(
     health_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0,
 ) -> list[dict[str, Any]]:
     """Deploy a new version: set the images, watch the rollouts, verify health; roll back
-    automatically if a rollout or the health check fails.
+    automatically if a rollout or the health check fails, or the run is stopped.
 
     Args:
         version: Image tag to deploy, e.g. 1.5.0 (letters, digits, '_', '.', '-'; at most 128).
@@ -178,19 +219,17 @@ def deploy(
             with timer.step("approval"):
                 request_approval(_plan(version, changes))
 
-        # 3. Set each image and watch its rollout; 4. verify health.
         touched: list[ImageChange] = []
         after: dict[str, int] = {}
         try:
+            # 3. Set each image and watch its rollout, in order.
             for change in changes:
-                r = change.recorded
-                with timer.step(f"set image and roll out deployment/{r.deployment}"):
-                    touched.append(change)  # before the call: an ambiguous failure is undone too
-                    patched = set_deployment_image(r.deployment, r.container, change.target_image)
-                    outcome = roll_out(
-                        r.deployment, patched["metadata"]["generation"], r.progress_deadline_seconds
-                    )
-                    after[r.deployment] = outcome["revision"]
+                # Counted as touched before the call: an ambiguous failure is undone too.
+                touched.append(change)
+                with timer.step(f"set image and roll out deployment/{change.recorded.deployment}"):
+                    after[change.recorded.deployment] = roll_out(change).revision
+
+            # 4. Verify health.
             with timer.step("verify health"):
                 verify_health(health_timeout_seconds)
         except Exception as exc:
@@ -198,19 +237,15 @@ def deploy(
             why = str(exc).rstrip(". ")
             logger.error("deploy of %s failed, rolling back: %s", version, why)
             with timer.step("roll back to recorded revisions"):
-                revisions, problems, health = roll_back(
-                    touched, why, version, health_timeout_seconds
-                )
-            outcome_text = "rolled back" if not problems else "only PARTLY rolled back"
-            summary = (
-                f"Deploy of {version} failed and was {outcome_text}: {why}. "
-                + (" ".join(problems) + " " if problems else "")
-                + f"After the rollback: {health}."
-            )
-            rows = _rows(touched, revisions, restored=True)
-            _publish(version, summary, rows, timer)
-            notify_chat(f":rotating_light: {summary}")
+                undone = roll_back(touched, rollback_cause(version, why), health_timeout_seconds)
+            summary = failed_deploy_summary(version, why, undone)
+            _publish(version, summary, _rows(touched, undone.revisions, restored=True), timer)
+            announce(f":rotating_light: {summary}")
             raise DeployFailed(summary) from None
+        except BaseException:
+            # Cancelled or terminated mid-deploy: undo, then let the run stop.
+            put_back_while_stopping(touched, version)
+            raise
 
     # 6. Done: report before/after and tell chat.
     rows = _rows(changes, after)
@@ -218,7 +253,7 @@ def deploy(
         f"deployment/{c.recorded.deployment}" for c in changes
     )
     _publish(version, summary, rows, timer)
-    notify_chat(f":rocket: {summary}")
+    announce(f":rocket: {summary}")
     logger.info(summary)
     return rows
 

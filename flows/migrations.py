@@ -15,7 +15,12 @@ pod that serves traffic. Guarantees:
 - The `database/<name>` lock: never at the same time as a backup or restore of that
   database.
 - The Job's logs and `alembic current` are published; a failed Job fails the run with the
-  end of its logs; the Job is always deleted (already gone counts as deleted).
+  end of its logs; a finished Job is deleted (already gone counts as deleted).
+- A Job still running is never deleted — not when our wait gives up, not when the run is
+  cancelled or terminated: killing a migration halfway is worse than letting it finish.
+  The run says it left it (`kubectl logs job/<name>` to follow it); it removes itself a
+  day after it finishes. A create retried after a lost answer finds its own Job (by the
+  run's label) instead of failing and deleting it.
 """
 
 from __future__ import annotations
@@ -30,10 +35,13 @@ from pydantic import Field
 
 from runbook.decisions.migrations import (
     MIGRATE_COMMAND,
+    JobOutcome,
+    MigrationJob,
     alembic_current,
     applied_migrations,
     logs_tail,
     maintenance_mode_of,
+    migration_job,
     migration_job_body,
     migration_job_name,
 )
@@ -43,7 +51,7 @@ from runbook.settings import load_settings
 from tasks.approval import Plan, request_approval
 from tasks.kubernetes import create_job, delete_job, read_deployment, read_job_logs, wait_for_job
 from tasks.locks import exclusive
-from tasks.notify import notify_chat
+from tasks.notify import announce
 from tasks.retry_policy import DeadlineExceeded
 
 # Beyond the Job's own activeDeadlineSeconds, before we stop waiting for it.
@@ -54,35 +62,31 @@ class MigrationFailed(RuntimeError):
     """The migration Job failed; the message ends with its logs."""
 
 
-def run_job(body: dict[str, Any], deadline_seconds: int) -> tuple[bool, str, str]:
-    """Create the Job, wait for it, read its logs; always delete it.
+def run_job(body: dict[str, Any], deadline_seconds: int) -> tuple[JobOutcome, str]:
+    """Create the Job, wait for it, read its logs; delete it once it has finished.
 
-    Returns (succeeded, detail, logs). A failed Job is returned, not raised, with its logs.
+    Returns its outcome and logs: a failed Job is returned, not raised. A Job that has not
+    finished — our wait gave up, or the run is being stopped — is left running and logged.
     """
     name = body["metadata"]["name"]
+    logger = get_run_logger()
+    create_job(body)
     try:
-        create_job(body)
-        try:
-            job = wait_for_job(name, deadline_seconds + WAIT_GRACE_SECONDS)
-            status = job.get("status") or {}
-            succeeded = bool(status.get("succeeded"))
-            detail = next(
-                (
-                    c.get("message") or c.get("reason") or c["type"]
-                    for c in status.get("conditions") or []
-                    if c.get("status") == "True"
-                ),
-                "",
-            )
-        except DeadlineExceeded as exc:
-            succeeded, detail = False, str(exc)
-        try:
-            logs = read_job_logs(name)
-        except Exception as exc:  # the outcome matters more than the logs
-            logs = f"(logs unavailable: {exc})"
-        return succeeded, detail, logs
-    finally:
+        outcome = wait_for_job(name, deadline_seconds + WAIT_GRACE_SECONDS)
+    except DeadlineExceeded as exc:
+        outcome = JobOutcome(finished=False, succeeded=False, detail=f"{exc}; left running")
+    except BaseException:
+        logger.error("job/%s may still be running: left alone, not deleted", name)
+        raise
+    try:
+        logs = read_job_logs(name)
+    except Exception as exc:  # the outcome matters more than the logs
+        logs = f"(logs unavailable: {exc})"
+    if outcome.finished:
         delete_job(name)
+    else:
+        logger.error("job/%s is still running: left alone, not deleted", name)
+    return outcome, logs
 
 
 @flow(name="migrations", flow_run_name="migrations-alembic-upgrade-head")
@@ -118,59 +122,51 @@ def migrations(
         )
 
     # 3. Build the Job and ask for approval.
-    job_name = migration_job_name(backend, str(flow_run.id))
-    body = migration_job_body(live, job_name, deadline_seconds)
-    container = body["spec"]["template"]["spec"]["containers"][0]
+    run_id = str(flow_run.id)
+    body = migration_job_body(
+        live, migration_job_name(backend, run_id), deadline_seconds, run_id=run_id
+    )
+    job = migration_job(body)
     with timer.step("approval"):
-        request_approval(_plan(backend, database, body, in_maintenance))
+        request_approval(_plan(backend, database, job, in_maintenance))
 
-    # 4. Run it, holding the database's lock; the Job is deleted whatever happens.
-    with timer.step(f"run job/{job_name}"), exclusive(f"database/{database}"):
-        succeeded, detail, logs = run_job(body, deadline_seconds)
+    # 4. Run it, holding the database's lock; a finished Job is deleted.
+    with timer.step(f"run job/{job.name}"), exclusive(f"database/{database}"):
+        outcome, logs = run_job(body, deadline_seconds)
 
     # 5. Report the logs and `alembic current`.
-    current = alembic_current(logs) if succeeded else None
+    current = alembic_current(logs) if outcome.succeeded else None
     applied = applied_migrations(logs)
-    summary = f"Migrations of database {database} with {container['image']}: " + (
+    summary = f"Migrations of database {database} with {job.image}: " + (
         f"done, alembic current is {current or 'unknown'} ({len(applied)} applied)"
-        if succeeded
-        else f"job/{job_name} failed: {detail}"
+        if outcome.succeeded
+        else f"job/{job.name} failed: {outcome.detail}"
     )
-    _publish(summary, job_name, container["image"], current, applied, logs, timer)
-    if not succeeded:
-        notify_chat(f":rotating_light: {summary}")
+    _publish(summary, job.name, job.image, current, applied, logs, timer)
+    if not outcome.succeeded:
+        announce(f":rotating_light: {summary}")
         raise MigrationFailed(f"{summary}\n--- end of the Job's logs:\n{logs_tail(logs)}")
     logger.info(summary)
-    return {"job": job_name, "image": container["image"], "alembic_current": current}
+    return {"job": job.name, "image": job.image, "alembic_current": current}
 
 
-def _plan(backend: str, database: str, body: dict[str, Any], in_maintenance: bool) -> Plan:
-    container = body["spec"]["template"]["spec"]["containers"][0]
-    env_names = [v["name"] for v in container.get("env") or []]
-    env_from = [
-        f"{kind.removesuffix('Ref')} {ref['name']}"
-        for source in container.get("envFrom") or []
-        for kind, ref in source.items()
-        if isinstance(ref, dict) and "name" in ref
-    ]
+def _plan(backend: str, database: str, job: MigrationJob, in_maintenance: bool) -> Plan:
     return Plan(
         title=f"Run migrations on database {database}",
         target=f"database/{database}",
         steps=(
-            f"Create job/{body['metadata']['name']} from deployment/{backend}'s image, env "
-            "and envFrom",
-            f"It runs: cd {container['workingDir']} && {MIGRATE_COMMAND}",
-            "Wait for it (at most "
-            f"{body['spec']['activeDeadlineSeconds']}s), publish its logs, delete it",
+            f"Create job/{job.name} from deployment/{backend}'s image, env and envFrom",
+            f"It runs: cd {job.working_dir} && {MIGRATE_COMMAND}",
+            f"Wait for it (at most {job.deadline_seconds}s), publish its logs, delete it",
         ),
         facts={
-            "image": container["image"],
+            "image": job.image,
             "database": database,
             "maintenance mode": "on"
             if in_maintenance
             else "OFF (migration declared safe under traffic)",
-            "env (names only)": ", ".join(env_names) or "-",
-            "envFrom": ", ".join(env_from) or "-",
+            "env (names only)": ", ".join(job.env_names) or "-",
+            "envFrom": ", ".join(job.env_from) or "-",
         },
     )
 

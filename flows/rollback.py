@@ -23,21 +23,28 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from flows.deploy import UnhealthyAfterRollout, roll_out, verify_health
+from flows.deploy import UnhealthyAfterRollout, verify_health
+from runbook.decisions.deployment import deployment_view
 from runbook.decisions.release import (
     Component,
     RollbackChoice,
     choose_rollback,
-    current_revision,
     history_rows,
-    progress_deadline_seconds,
 )
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import load_settings
 from tasks.approval import Plan, request_approval
-from tasks.kubernetes import list_deployment_revisions, read_deployment, restore_pod_template
+from tasks.kubernetes import (
+    list_deployment_revisions,
+    read_deployment,
+    restore_pod_template,
+    wait_for_rollout,
+)
 from tasks.locks import exclusive
-from tasks.notify import notify_chat
+from tasks.notify import announce
+
+# We stop watching this long after the controller should have called the rollout failed.
+ROLLOUT_GRACE_SECONDS = 30
 
 
 class RollbackFailed(RuntimeError):
@@ -99,18 +106,18 @@ def rollback(
             f"rollback to revision {target['revision']} by {decision.approver}: {decision.reason}"
         )
         with timer.step(f"undo to revision {target['revision']} and roll out"):
-            restored = restore_pod_template(name, target["template"], cause[:500])
+            restored = deployment_view(restore_pod_template(name, target["template"], cause[:500]))
+            deadline = deployment_view(live).progress_deadline_seconds + ROLLOUT_GRACE_SECONDS
             try:
-                outcome = roll_out(
-                    name,
-                    restored["metadata"]["generation"],
-                    progress_deadline_seconds(live),
-                )
+                outcome = wait_for_rollout(name, restored.generation, deadline)
+                problem = "" if outcome.complete else outcome.reason
             except Exception as exc:
-                problem = f"Rollback of deployment/{name} did not complete: {exc}"
+                problem = str(exc)
+            if problem:
+                problem = f"Rollback of deployment/{name} did not complete: {problem}"
                 _publish(name, problem, choice, None, timer)
-                notify_chat(f":rotating_light: {problem}")
-                raise RollbackFailed(problem) from None
+                announce(f":rotating_light: {problem}")
+                raise RollbackFailed(problem)
 
         # 4. Verify health.
         health = "not checked"
@@ -120,20 +127,20 @@ def rollback(
                     health = verify_health(health_timeout_seconds)
                 except UnhealthyAfterRollout as exc:
                     problem = f"deployment/{name} rolled back, but {exc}"
-                    _publish(name, problem, choice, outcome["revision"], timer)
-                    notify_chat(f":rotating_light: {problem}")
+                    _publish(name, problem, choice, outcome.revision, timer)
+                    announce(f":rotating_light: {problem}")
                     raise RollbackFailed(problem) from None
 
     # 5. Report.
     summary = (
         f"deployment/{name} rolled back from revision {current['revision']} "
         f"({_images(current)}) to the template of revision {target['revision']} "
-        f"({_images(target)}), now revision {outcome['revision']}; {health}"
+        f"({_images(target)}), now revision {outcome.revision}; {health}"
     )
-    _publish(name, summary, choice, outcome["revision"], timer)
-    notify_chat(f":leftwards_arrow_with_hook: {summary}")
+    _publish(name, summary, choice, outcome.revision, timer)
+    announce(f":leftwards_arrow_with_hook: {summary}")
     logger.info(summary)
-    return {"deployment": name, "revision": outcome["revision"], "changed": True}
+    return {"deployment": name, "revision": outcome.revision, "changed": True}
 
 
 def _plan(name: str, choice: RollbackChoice) -> Plan:
@@ -199,7 +206,7 @@ def rollout_history(deployment: Component = "backend") -> list[dict[str, Any]]:
     revisions = list_deployment_revisions(name)
 
     # Publish them newest first, marking the current one.
-    rows = history_rows(revisions, current_revision(live))
+    rows = history_rows(revisions, deployment_view(live).revision)
     create_table_artifact(
         rows,
         key="rollout-history",

@@ -31,6 +31,7 @@ from runbook.decisions.scaling import (
     hpa_body,
     hpa_drift,
     hpa_name,
+    hpa_note,
     judge_scale,
 )
 from runbook.report import markdown_table
@@ -47,17 +48,6 @@ from tasks.locks import exclusive
 
 # How long a scale may take to have its replicas available before the run fails.
 SCALE_DEADLINE_SECONDS = 600
-
-
-def _hpa_note(hpa: dict[str, Any] | None, replicas: int) -> str:
-    if hpa is None:
-        return "no HorizontalPodAutoscaler targets it"
-    spec = hpa["spec"]
-    low, high = spec.get("minReplicas", 1), spec["maxReplicas"]
-    note = f"HPA {hpa['metadata']['name']} keeps it within {low}-{high}"
-    if not low <= replicas <= high:
-        note += f"; it will move {replicas} back into that range"
-    return note
 
 
 @flow(name="scale", flow_run_name="scale-{deployment}-to-{replicas}")
@@ -84,7 +74,7 @@ def scale(
         # 2. Read the current count, and whether an autoscaler will override ours.
         current = read_deployment_scale(name)
         hpa = read_horizontal_pod_autoscaler(hpa_name(name))
-        note = _hpa_note(hpa, replicas)
+        note = hpa_note(hpa, replicas)
         if current == replicas:
             summary = f"deployment/{name} already has {replicas} replicas; nothing to do"
             _publish(name, summary, current, current, note)
@@ -112,8 +102,8 @@ def scale(
         after = scale_deployment(name, replicas)
         if wait:
             outcome = wait_for_rollout(name, 0, SCALE_DEADLINE_SECONDS)
-            if outcome["phase"] != "complete":
-                raise RuntimeError(f"scaling deployment/{name} failed: {outcome['detail']}")
+            if not outcome.complete:
+                raise RuntimeError(f"scaling deployment/{name} failed: {outcome.reason}")
 
     # 5. Report.
     summary = f"deployment/{name} scaled from {current} to {after} replicas ({verdict.reason})"

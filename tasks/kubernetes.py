@@ -24,8 +24,9 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 from prefect import task
 
-from runbook.decisions.revisions import CHANGE_CAUSE_ANNOTATION, REVISION_ANNOTATION, revisions_of
-from runbook.decisions.rollout import RolloutPhase, RolloutVerdict, rollout_verdict
+from runbook.decisions.migrations import JobOutcome, created_by, job_outcome
+from runbook.decisions.revisions import CHANGE_CAUSE_ANNOTATION, revisions_of
+from runbook.decisions.rollout import RolloutOutcome, rollout_outcome
 from runbook.settings import PlatformSettings, load_settings
 from tasks.logs import run_logger
 from tasks.retry_policy import (
@@ -33,6 +34,9 @@ from tasks.retry_policy import (
     TRANSIENT_RETRIES,
     DeadlineExceeded,
     PlatformCallError,
+    call_with_retries,
+    done_if_gone,
+    is_gone,
 )
 
 JSON = dict[str, Any]
@@ -124,13 +128,7 @@ def _namespace(namespace: str | None) -> str:
 # --- Deployments ------------------------------------------------------------------------
 
 
-@task(**TRANSIENT_RETRIES)
-def read_deployment(name: str, namespace: str | None = None) -> JSON:
-    """`kubectl get deployment NAME -o json`.
-
-    Returns the Deployment as the API serves it. Raises `PlatformCallError` (404) if absent.
-    """
-    ns = _namespace(namespace)
+def _read_deployment(name: str, ns: str) -> JSON:
     obj: JSON = _call(
         f"read deployment/{name} in {ns}", _apps().read_namespaced_deployment, name, ns
     )
@@ -138,13 +136,12 @@ def read_deployment(name: str, namespace: str | None = None) -> JSON:
 
 
 @task(**TRANSIENT_RETRIES)
-def patch_deployment(name: str, patch: JSON | list[JSON], namespace: str | None = None) -> JSON:
-    """`kubectl patch deployment NAME`: a dict is a strategic merge patch, a list a JSON patch."""
-    ns = _namespace(namespace)
-    obj: JSON = _call(
-        f"patch deployment/{name} in {ns}", _apps().patch_namespaced_deployment, name, ns, patch
-    )
-    return obj
+def read_deployment(name: str, namespace: str | None = None) -> JSON:
+    """`kubectl get deployment NAME -o json`.
+
+    Returns the Deployment as the API serves it. Raises `PlatformCallError` (404) if absent.
+    """
+    return _read_deployment(name, _namespace(namespace))
 
 
 @task(**TRANSIENT_RETRIES)
@@ -234,9 +231,7 @@ def list_deployment_revisions(name: str, namespace: str | None = None) -> list[J
     template (see `runbook.decisions.revisions.revisions_of`).
     """
     ns = _namespace(namespace)
-    deployment = _call(
-        f"read deployment/{name} in {ns}", _apps().read_namespaced_deployment, name, ns
-    )
+    deployment = _read_deployment(name, ns)
     labels = deployment["spec"]["selector"].get("matchLabels") or {}
     selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
     replica_sets = _call(
@@ -248,15 +243,7 @@ def list_deployment_revisions(name: str, namespace: str | None = None) -> list[J
     return revisions_of(name, replica_sets["items"])
 
 
-@task(**TRANSIENT_RETRIES)
-def restore_pod_template(
-    name: str, template: JSON, change_cause: str, namespace: str | None = None
-) -> JSON:
-    """`kubectl rollout undo`: make a recorded revision's pod template the Deployment's.
-
-    A JSON patch replaces the whole template, so nothing of the newer template survives.
-    """
-    ns = _namespace(namespace)
+def _restore_pod_template(name: str, template: JSON, change_cause: str, ns: str) -> JSON:
     patch = [
         {"op": "replace", "path": "/spec/template", "value": template},
         {
@@ -273,6 +260,30 @@ def restore_pod_template(
         patch,
     )
     return obj
+
+
+@task(**TRANSIENT_RETRIES)
+def restore_pod_template(
+    name: str, template: JSON, change_cause: str, namespace: str | None = None
+) -> JSON:
+    """`kubectl rollout undo`: make a recorded revision's pod template the Deployment's.
+
+    A JSON patch replaces the whole template, so nothing of the newer template survives.
+    """
+    return _restore_pod_template(name, template, change_cause, _namespace(namespace))
+
+
+def restore_pod_template_now(
+    name: str, template: JSON, change_cause: str, namespace: str | None = None
+) -> JSON:
+    """`restore_pod_template` as a plain call (same retry policy), for a run that is being
+    cancelled or terminated: Prefect refuses to start task runs once the flow run is no
+    longer Running, but the undo must still be written."""
+    ns = _namespace(namespace)
+    return call_with_retries(
+        f"restore pod template of deployment/{name} in {ns}",
+        lambda: _restore_pod_template(name, template, change_cause, ns),
+    )
 
 
 def _watch(
@@ -298,48 +309,39 @@ def wait_for_rollout(
     min_generation: int = 0,
     deadline_seconds: float = 600,
     namespace: str | None = None,
-) -> JSON:
+) -> RolloutOutcome:
     """`kubectl rollout status deployment/NAME`: watch until the rollout completes or fails.
 
     Watches (no polling): a `ProgressDeadlineExceeded` condition is seen as soon as the
-    controller writes it. Returns `{"phase", "detail", "revision"}`. Raises
+    controller writes it. `min_generation` is the generation our own change produced.
+    Returns the outcome (phase, reason, revision) as `rollout_outcome` judges it. Raises
     `DeadlineExceeded` (a `TimeoutError`, not retried) if neither outcome arrives within
     `deadline_seconds`.
     """
     ns = _namespace(namespace)
-    logger = run_logger()
     give_up_at = time.monotonic() + deadline_seconds
-    obj: JSON = _call(
-        f"read deployment/{name} in {ns}", _apps().read_namespaced_deployment, name, ns
-    )
+    obj = _read_deployment(name, ns)
     rv = obj["metadata"]["resourceVersion"]
-    while True:
-        verdict = rollout_verdict(obj, min_generation)
-        if verdict.finished:
-            break
+    outcome = rollout_outcome(obj, min_generation)
+    while not outcome.finished:
         remaining = give_up_at - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded(
                 f"rollout of deployment/{name} in {ns} undecided after {deadline_seconds:.0f}s: "
-                f"{verdict.detail}"
+                f"{outcome.reason}"
             )
         for obj in _watch(
             _apps().list_namespaced_deployment, ns, name=name, timeout=remaining, rv=rv
         ):
             rv = obj["metadata"]["resourceVersion"]
-            if rollout_verdict(obj, min_generation).finished:
+            outcome = rollout_outcome(obj, min_generation)
+            if outcome.finished:
                 break
-    revision = int(obj["metadata"].get("annotations", {}).get(REVISION_ANNOTATION, 0))
-    logger.info("deployment/%s rollout %s: %s", name, verdict.phase.value, verdict.detail)
-    return {"phase": verdict.phase.value, "detail": verdict.detail, "revision": revision}
+    run_logger().info("deployment/%s rollout %s: %s", name, outcome.phase.value, outcome.reason)
+    return outcome
 
 
-def verdict_of(result: JSON) -> RolloutVerdict:
-    """Turn `wait_for_rollout`'s result back into a verdict object."""
-    return RolloutVerdict(RolloutPhase(result["phase"]), result["detail"])
-
-
-# --- StatefulSets, HPAs, Secrets --------------------------------------------------------
+# --- StatefulSets, HPAs --------------------------------------------------------------
 
 
 @task(**TRANSIENT_RETRIES)
@@ -352,21 +354,37 @@ def read_statefulset(name: str, namespace: str | None = None) -> JSON:
     return obj
 
 
+def _autoscaling() -> client.AutoscalingV2Api:
+    return client.AutoscalingV2Api(api_client())
+
+
+def _read_hpa(name: str, ns: str) -> JSON | None:
+    try:
+        found: JSON = _call(
+            f"read hpa/{name} in {ns}",
+            _autoscaling().read_namespaced_horizontal_pod_autoscaler,
+            name,
+            ns,
+        )
+    except PlatformCallError as exc:
+        if is_gone(exc):
+            return None
+        raise
+    return found
+
+
 @task(**TRANSIENT_RETRIES)
 def apply_horizontal_pod_autoscaler(body: JSON, namespace: str | None = None) -> JSON:
     """`kubectl apply -f hpa.yaml` for an `autoscaling/v2` HPA: create, or replace in place."""
     ns = _namespace(namespace)
-    api = client.AutoscalingV2Api(api_client())
     name = body["metadata"]["name"]
-    try:
-        existing = _call(
-            f"read hpa/{name} in {ns}", api.read_namespaced_horizontal_pod_autoscaler, name, ns
-        )
-    except PlatformCallError as exc:
-        if exc.status != 404:
-            raise
-        created = _call(
-            f"create hpa/{name} in {ns}", api.create_namespaced_horizontal_pod_autoscaler, ns, body
+    existing = _read_hpa(name, ns)
+    if existing is None:
+        created: JSON = _call(
+            f"create hpa/{name} in {ns}",
+            _autoscaling().create_namespaced_horizontal_pod_autoscaler,
+            ns,
+            body,
         )
         return created
     replacement = {
@@ -376,9 +394,9 @@ def apply_horizontal_pod_autoscaler(body: JSON, namespace: str | None = None) ->
             "resourceVersion": existing["metadata"]["resourceVersion"],
         },
     }
-    replaced = _call(
+    replaced: JSON = _call(
         f"replace hpa/{name} in {ns}",
-        api.replace_namespaced_horizontal_pod_autoscaler,
+        _autoscaling().replace_namespaced_horizontal_pod_autoscaler,
         name,
         ns,
         replacement,
@@ -389,72 +407,70 @@ def apply_horizontal_pod_autoscaler(body: JSON, namespace: str | None = None) ->
 @task(**TRANSIENT_RETRIES)
 def read_horizontal_pod_autoscaler(name: str, namespace: str | None = None) -> JSON | None:
     """`kubectl get hpa NAME -o json`, or None if there is none."""
-    ns = _namespace(namespace)
-    api = client.AutoscalingV2Api(api_client())
-    try:
-        found: JSON = _call(
-            f"read hpa/{name} in {ns}", api.read_namespaced_horizontal_pod_autoscaler, name, ns
-        )
-        return found
-    except PlatformCallError as exc:
-        if exc.status == 404:
-            return None
-        raise
-
-
-@task(**TRANSIENT_RETRIES)
-def delete_secret(name: str, namespace: str | None = None) -> bool:
-    """`kubectl delete secret NAME`. Already gone counts as done: returns False then."""
-    ns = _namespace(namespace)
-    try:
-        _call(f"delete secret/{name} in {ns}", _core().delete_namespaced_secret, name, ns)
-    except PlatformCallError as exc:
-        if exc.status == 404:
-            return False
-        raise
-    return True
+    return _read_hpa(name, _namespace(namespace))
 
 
 # --- Jobs -------------------------------------------------------------------------------
 
 
-@task(**TRANSIENT_RETRIES)
-def create_job(body: JSON, namespace: str | None = None) -> JSON:
-    """`kubectl create -f job.yaml`; returns the created Job."""
-    ns = _namespace(namespace)
-    name = body["metadata"].get("name") or body["metadata"].get("generateName", "") + "*"
-    obj: JSON = _call(f"create job/{name} in {ns}", _batch().create_namespaced_job, ns, body)
+def _read_job(name: str, ns: str) -> JSON:
+    obj: JSON = _call(f"read job/{name} in {ns}", _batch().read_namespaced_job, name, ns)
     return obj
 
 
 @task(**TRANSIENT_RETRIES)
-def wait_for_job(name: str, deadline_seconds: float = 1800, namespace: str | None = None) -> JSON:
-    """`kubectl wait --for=condition=complete job/NAME`, watching; returns the final Job.
+def create_job(body: JSON, namespace: str | None = None) -> JSON:
+    """`kubectl create -f job.yaml`; returns the created Job.
 
-    The Job's outcome is in `status.succeeded` / `status.failed` and its conditions; a
-    failed Job is returned, not raised, so the caller can fetch its logs first.
+    The create is retried on a 5xx or a lost answer, and the first attempt may have been
+    committed all the same: a 409 then means "created" if the Job under that name carries
+    every label of `body` (it is ours), and it is returned. A 409 on anybody else's Job
+    fails, naming it.
+    """
+    ns = _namespace(namespace)
+    name = body["metadata"]["name"]
+    what = f"create job/{name} in {ns}"
+    try:
+        created: JSON = _call(what, _batch().create_namespaced_job, ns, body)
+        return created
+    except PlatformCallError as exc:
+        if exc.status != 409:
+            raise
+        existing = _read_job(name, ns)
+        if not created_by(existing, body):
+            raise PlatformCallError(
+                f"{what}: 409 AlreadyExists, and job/{name} is not ours "
+                f"(it lacks our labels {body['metadata'].get('labels') or {}})",
+                status=409,
+            ) from None
+    run_logger().info("job/%s in %s: an earlier attempt of this create made it", name, ns)
+    return existing
+
+
+@task(**TRANSIENT_RETRIES)
+def wait_for_job(
+    name: str, deadline_seconds: float = 1800, namespace: str | None = None
+) -> JobOutcome:
+    """`kubectl wait --for=condition=complete job/NAME`, watching; returns its outcome.
+
+    A failed Job is returned, not raised, so the caller can fetch its logs first. Raises
+    `DeadlineExceeded` if it has not finished within `deadline_seconds`.
     """
     ns = _namespace(namespace)
     give_up_at = time.monotonic() + deadline_seconds
-    obj: JSON = _call(f"read job/{name} in {ns}", _batch().read_namespaced_job, name, ns)
+    obj = _read_job(name, ns)
     rv = obj["metadata"]["resourceVersion"]
-
-    def finished(job: JSON) -> bool:
-        conditions = (job.get("status") or {}).get("conditions") or []
-        return any(
-            c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
-            for c in conditions
-        )
-
-    while not finished(obj):
+    outcome = job_outcome(obj)
+    while not outcome.finished:
         remaining = give_up_at - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded(f"job/{name} in {ns} not finished after {deadline_seconds:.0f}s")
         for obj in _watch(_batch().list_namespaced_job, ns, name=name, timeout=remaining, rv=rv):
             rv = obj["metadata"]["resourceVersion"]
-            if finished(obj):
+            outcome = job_outcome(obj)
+            if outcome.finished:
                 break
-    return obj
+    return outcome
 
 
 @task(**TRANSIENT_RETRIES)
@@ -481,19 +497,15 @@ def read_job_logs(name: str, namespace: str | None = None) -> str:
 def delete_job(name: str, namespace: str | None = None) -> bool:
     """`kubectl delete job NAME` with its pods. Already gone counts as done (returns False)."""
     ns = _namespace(namespace)
-    try:
-        _call(
+    return done_if_gone(
+        lambda: _call(
             f"delete job/{name} in {ns}",
             _batch().delete_namespaced_job,
             name,
             ns,
             propagation_policy="Background",
         )
-    except PlatformCallError as exc:
-        if exc.status == 404:
-            return False
-        raise
-    return True
+    )
 
 
 # --- custom objects (cert-manager) ------------------------------------------------------

@@ -79,12 +79,17 @@ def served_api(sandbox: Sandbox, prefect_server: None) -> Iterator[str]:
 
 @pytest.fixture
 def kube(platform: Sandbox) -> Iterator[Any]:
-    """The Kubernetes emulator with quick rollouts; the seeded Deployments are put back as
-    they were after the test, so release tests cannot leak state into each other."""
-    from tests.release_helpers import deployments_restored
+    """The Kubernetes emulator with quick rollouts and Jobs. Whatever the test did, even if
+    it failed: the seeded Deployments are put back as they were, Jobs it left are deleted,
+    and the delays and migration Job behaviour are the sandbox's again."""
+    from sandbox.platform import MIGRATION_JOB_PREFIX, MIGRATION_LOGS
+    from tests.release_helpers import deployments_restored, jobs_removed
 
-    previous_delay = platform.kube.rollout_delay
-    platform.kube.rollout_delay = 0.05
-    with deployments_restored(platform.kube):
-        yield platform.kube
-    platform.kube.rollout_delay = previous_delay
+    delays = platform.kube.rollout_delay, platform.kube.job_delay
+    platform.kube.rollout_delay = platform.kube.job_delay = 0.05
+    try:
+        with deployments_restored(platform.kube), jobs_removed(platform.kube):
+            yield platform.kube
+    finally:
+        platform.kube.rollout_delay, platform.kube.job_delay = delays
+        platform.kube.set_job_behaviour(MIGRATION_JOB_PREFIX, succeed=True, logs=MIGRATION_LOGS)

@@ -4,7 +4,7 @@ what a test changed (`platform.reset()` does not undo changes to seeded Deployme
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -45,6 +45,16 @@ def kinds_of(writes: list[Any]) -> list[str]:
     return out
 
 
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    """Wait for an observable condition instead of sleeping and hoping."""
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"never happened within {timeout}s: {what}")
+
+
 def wait_settled(kube: Any, name: str, timeout: float = 10) -> None:
     give_up = time.monotonic() + timeout
     while time.monotonic() < give_up:
@@ -52,6 +62,18 @@ def wait_settled(kube: Any, name: str, timeout: float = 10) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"deployment/{name} never settled")
+
+
+@contextmanager
+def jobs_removed(kube: Any) -> Iterator[None]:
+    """Delete the Jobs a test created (a test may leave one running on purpose)."""
+    before = {j["metadata"]["name"] for j in kube.list("batch/v1", "Job", NS)}
+    try:
+        yield
+    finally:
+        for job in kube.list("batch/v1", "Job", NS):
+            if job["metadata"]["name"] not in before:
+                k8s.delete_job.fn(job["metadata"]["name"])
 
 
 @contextmanager

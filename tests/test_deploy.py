@@ -6,16 +6,25 @@ from __future__ import annotations
 import time
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterName,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from prefect.exceptions import ParameterTypeError
 from prefect.flow_runs import resume_flow_run
 
 from flows.deploy import deploy
+from tasks.locks import lock_name
 from tests.helpers import read_artifacts, start_in_thread, wait_for_paused_run
 from tests.release_helpers import (
     deployment_writes,
     image_of,
     kinds_of,
     revision_of,
+    wait_until,
 )
 
 APPROVE = {"approve": True, "approver": "alice", "reason": "CHG-7"}
@@ -51,6 +60,51 @@ def test_deploy_updates_backend_workers_and_frontend_and_reports(platform, kube)
     assert "### Steps" in report and "verify health" in report
     chat = platform.receiver.wait_for(lambda n: n.path.startswith("/slack"))
     assert "Deployed 2.0.0" in chat.json["text"]
+
+
+def run_logs(run_name: str) -> str:
+    """Everything the named flow run has logged so far."""
+    with get_client(sync_client=True) as prefect_api:
+        runs = prefect_api.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name]))
+        )
+        if not runs:
+            return ""
+        logs = prefect_api.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in runs]))
+        )
+    return "\n".join(log.message for log in logs)
+
+
+def test_a_chat_outage_does_not_fail_a_good_deploy(platform, kube):
+    platform.receiver.fail_next(times=10, status=503)  # more than the retries
+
+    state = deploy(version="2.9.0", components=["frontend"], return_state=True)
+
+    assert state.is_completed(), state.message
+    assert image_of(kube, "frontend").endswith(":2.9.0")
+    assert kinds_of(kube.writes) == ["set-image"]
+    chat = [n for n in platform.receiver.received if n.path.startswith("/slack")]
+    assert [n.status for n in chat] == [503] * 4  # chat really was down: 1 try + 3 retries
+    assert "Deployed 2.9.0" in chat[0].json["text"]
+
+
+def test_a_chat_outage_does_not_hide_why_a_deploy_failed(platform, kube):
+    recorded = image_of(kube, "frontend")
+    kube.fail_rollouts_for_image(":bad-again")
+    platform.receiver.fail_next(times=10, status=503)
+
+    state = deploy(version="bad-again", components=["frontend"], return_state=True)
+
+    assert state.is_failed()
+    assert "Deploy of bad-again failed and was rolled back" in state.message
+    assert "progress deadline exceeded" in state.message
+    assert "chat" not in state.message and "503" not in state.message
+    assert image_of(kube, "frontend") == recorded
+    assert kinds_of(kube.writes) == ["set-image", "restore"]
+    chat = [n for n in platform.receiver.received if n.path.startswith("/slack")]
+    assert chat and {n.status for n in chat} == {503}
+    assert "Deploy of bad-again failed" in chat[0].json["text"]
 
 
 def test_failed_rollout_rolls_back_to_the_recorded_revision(platform, kube):
@@ -187,7 +241,8 @@ def test_two_deploys_of_the_same_component_never_interleave(platform, kube):
     first = start_in_thread(deploy, version="2.7.0", components=["frontend"], require_approval=True)
     paused = wait_for_paused_run("deploy")  # holds the lock on deployment/frontend
     second = start_in_thread(deploy, version="2.8.0", components=["frontend"])
-    time.sleep(3)
+    waiting = f"Taking lock {lock_name('deployment/frontend')}"
+    wait_until(lambda: waiting in run_logs("deploy-2.8.0-frontend"), "the second run took the lock")
     assert kube.writes == []  # the second deploy waits for the lock
 
     resume_flow_run(paused.id, run_input=APPROVE)

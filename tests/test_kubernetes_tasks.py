@@ -9,18 +9,13 @@ from __future__ import annotations
 import pytest
 from prefect import flow
 
+from runbook.decisions.migrations import RUN_LABEL
 from runbook.decisions.rollout import RolloutPhase
 from tasks import kubernetes as k8s
 from tasks.retry_policy import PlatformCallError
+from tests.faults import FaultyProxy
 
 NS = "complianceagent"
-
-
-@pytest.fixture
-def kube(platform):
-    platform.kube.rollout_delay = 0.05
-    platform.kube.job_delay = 0.05
-    return platform.kube
 
 
 def template_image(kube, name):
@@ -41,8 +36,8 @@ def test_set_image_rolls_out_and_history_allows_undo(kube):
     patched = k8s.set_deployment_image.fn("frontend", "frontend", "complianceagent/frontend:9.9.9")
     outcome = k8s.wait_for_rollout.fn("frontend", patched["metadata"]["generation"], 10)
 
-    assert outcome["phase"] == RolloutPhase.COMPLETE
-    assert outcome["revision"] == original["revision"] + 1
+    assert outcome.phase is RolloutPhase.COMPLETE
+    assert outcome.revision == original["revision"] + 1
     assert [(w.method, w.name, w.body) for w in kube.writes] == [
         (
             "PATCH",
@@ -64,7 +59,7 @@ def test_set_image_rolls_out_and_history_allows_undo(kube):
     # kubectl rollout undo --to-revision=<original>
     restored = k8s.restore_pod_template.fn("frontend", original["template"], "undo to original")
     outcome = k8s.wait_for_rollout.fn("frontend", restored["metadata"]["generation"], 10)
-    assert outcome["phase"] == RolloutPhase.COMPLETE
+    assert outcome.phase is RolloutPhase.COMPLETE
     assert template_image(kube, "frontend") == original["images"]["frontend"]
     after = k8s.list_deployment_revisions.fn("frontend")
     assert after[-1]["replicaset"] == original["replicaset"]  # the old ReplicaSet came back
@@ -75,12 +70,9 @@ def test_failed_rollout_is_reported_by_the_watch(kube):
     kube.fail_rollouts_for_image(":broken")
     patched = k8s.set_deployment_image.fn("frontend", "frontend", "complianceagent/frontend:broken")
     outcome = k8s.wait_for_rollout.fn("frontend", patched["metadata"]["generation"], 10)
-    assert outcome["phase"] == RolloutPhase.FAILED
-    assert "progress deadline exceeded" in outcome["detail"]
-    # Put the frontend back for the other tests.
-    kube.clear_rollout_failures()
-    good = k8s.list_deployment_revisions.fn("frontend")[-2]
-    k8s.restore_pod_template.fn("frontend", good["template"], "test cleanup")
+    assert outcome.phase is RolloutPhase.FAILED
+    assert not outcome.complete
+    assert "progress deadline exceeded" in outcome.reason
 
 
 def test_set_env_merges_by_name_and_restart_stamps_the_template(kube):
@@ -127,8 +119,9 @@ def test_job_runs_to_completion_and_cleanup_is_idempotent(kube):
         },
     }
     k8s.create_job.fn(body)
-    job = k8s.wait_for_job.fn("probe-ok", 10)
-    assert job["status"]["succeeded"] == 1
+    outcome = k8s.wait_for_job.fn("probe-ok", 10)
+    assert outcome.finished and outcome.succeeded
+    assert kube.get("batch/v1", "Job", NS, "probe-ok")["status"]["succeeded"] == 1
     assert "Running upgrade -> 42" in k8s.read_job_logs.fn("probe-ok")
     assert k8s.delete_job.fn("probe-ok") is True
     assert k8s.delete_job.fn("probe-ok") is False  # already gone is done
@@ -192,3 +185,98 @@ def test_404_is_not_retried(kube):
     assert state.is_failed()
     assert "404" in state.message
     assert kube.writes == []
+
+
+def test_read_statefulset_reads_without_writing(kube):
+    sts = k8s.read_statefulset.fn("postgres")
+    assert sts["metadata"]["name"] == "postgres"
+    assert sts["spec"]["template"]["spec"]["containers"][0]["image"] == "postgres:15"
+    assert kube.writes == []
+    with pytest.raises(PlatformCallError, match="read statefulset/nope in complianceagent: 404"):
+        k8s.read_statefulset.fn("nope")
+
+
+def test_certificate_status_patch_goes_to_the_status_subresource(kube):
+    k8s.patch_custom_object.fn(
+        "cert-manager.io",
+        "v1",
+        "certificates",
+        "complianceagent-tls",
+        {"status": {"failedIssuanceAttempts": 0}},
+        status=True,
+    )
+    [write] = kube.writes
+    assert (write.method, write.subresource) == ("PATCH", "status")
+    cert = k8s.read_custom_object.fn("cert-manager.io", "v1", "certificates", "complianceagent-tls")
+    assert cert["status"]["failedIssuanceAttempts"] == 0
+    assert any(c["type"] == "Ready" for c in cert["status"]["conditions"])
+
+
+def job_body(name, labels):
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "probe", "image": "busybox", "command": ["true"]}],
+                }
+            },
+        },
+    }
+
+
+@flow
+def create_once(body: dict) -> dict:
+    return k8s.create_job(body)
+
+
+def test_create_job_whose_answer_was_lost_finds_its_own_job(kube, monkeypatch):
+    """The first POST commits but its answer never arrives (the connection dies on the way
+    back); the retry's 409 is our own Job, so the create succeeded."""
+    kube.job_delay = 30  # still running while the task retries
+    body = job_body("probe-lost-answer", {RUN_LABEL: "run-1"})
+    host, port = kube.url.removeprefix("http://").rsplit(":", 1)
+    with FaultyProxy(host, int(port)) as proxy:
+        monkeypatch.setenv("RUNBOOK_KUBE_API_URL", proxy.url)
+        proxy.drop_connection_after_download = 1  # the POST's answer is the first download
+
+        state = create_once(body, return_state=True)
+
+    assert state.is_completed(), state.message
+    assert proxy.dropped == 1
+    assert [(w.method, w.name, w.status) for w in kube.writes] == [
+        ("POST", "probe-lost-answer", 201),
+        ("POST", "probe-lost-answer", 409),
+    ]
+    assert state.result()["metadata"]["labels"][RUN_LABEL] == "run-1"
+    assert (
+        len(
+            [
+                j
+                for j in kube.list("batch/v1", "Job", NS)
+                if j["metadata"]["name"] == "probe-lost-answer"
+            ]
+        )
+        == 1
+    )
+
+
+def test_create_job_refuses_a_409_on_a_job_that_is_not_ours(kube):
+    kube.job_delay = 30
+    k8s.create_job.fn(job_body("probe-taken", {RUN_LABEL: "somebody-else"}))
+    kube.clear_writes()
+
+    state = create_once(job_body("probe-taken", {RUN_LABEL: "run-2"}), return_state=True)
+
+    assert state.is_failed()
+    assert (
+        "create job/probe-taken in complianceagent: 409 AlreadyExists, "
+        "and job/probe-taken is not ours" in state.message
+    )
+    assert [(w.method, w.status) for w in kube.writes] == [("POST", 409)]  # not retried
+    job = kube.get("batch/v1", "Job", NS, "probe-taken")
+    assert job["metadata"]["labels"][RUN_LABEL] == "somebody-else"  # untouched

@@ -7,24 +7,13 @@ from prefect.client.orchestration import get_client
 from prefect.flow_runs import resume_flow_run
 
 from flows.migrations import migrations
-from sandbox.platform import MIGRATION_JOB_PREFIX, MIGRATION_LOGS
+from sandbox.platform import MIGRATION_JOB_PREFIX
 from tasks import kubernetes as k8s
 from tasks.locks import lock_name
 from tests.helpers import read_artifacts, start_in_thread, wait_for_paused_run
-from tests.release_helpers import NS, deployments_restored, live, wait_settled
+from tests.release_helpers import NS, live, wait_settled, wait_until
 
 APPROVE = {"approve": True, "approver": "grace", "reason": "CHG-11"}
-
-
-@pytest.fixture
-def kube(platform):
-    platform.kube.rollout_delay = 0.05
-    platform.kube.job_delay = 0.05
-    with deployments_restored(platform.kube, ("backend",)):
-        yield platform.kube
-    platform.kube.set_job_behaviour(MIGRATION_JOB_PREFIX, succeed=True, logs=MIGRATION_LOGS)
-    platform.kube.rollout_delay = 0.2
-    platform.kube.job_delay = 0.2
 
 
 def job_writes(kube):
@@ -133,12 +122,36 @@ def test_transient_5xx_on_job_creation_is_retried(platform, kube):
     assert [(w.method, w.status) for w in kube.writes] == [("POST", 201), ("DELETE", 200)]
 
 
-def test_it_holds_the_database_lock_the_backup_runbooks_share(platform, kube):
-    _, state = run_approved(require_maintenance_mode=False)
-
-    assert state.is_completed(), state.message
+def database_lock():
     with get_client(sync_client=True) as prefect_api:
-        limit = prefect_api.read_global_concurrency_limit_by_name(
+        return prefect_api.read_global_concurrency_limit_by_name(
             lock_name("database/complianceagent")
         )
-    assert limit.limit == 1 and limit.active_slots == 0  # taken, and released
+
+
+def test_it_holds_the_database_lock_the_backup_runbooks_share(platform, kube):
+    kube.job_delay = 3  # the migration runs long enough to look at the lock meanwhile
+    run = start_in_thread(migrations, require_maintenance_mode=False)
+    resume_flow_run(wait_for_paused_run("migrations").id, run_input=APPROVE)
+    wait_until(lambda: [w.method for w in kube.writes] == ["POST"], "the Job was created")
+
+    held = database_lock()
+    assert kube.writes[-1].method == "POST"  # the Job is still running: nothing deleted yet
+    state = run.join()
+
+    assert state.is_completed(), state.message
+    assert held.limit == 1 and held.active_slots == 1  # held while the migration ran
+    assert database_lock().active_slots == 0  # and released after
+
+
+def test_a_job_still_running_is_never_deleted(platform, kube):
+    kube.job_delay = 60  # the migration is still running when the wait fails
+    kube.inject_fault("GET", r"/jobs/backend-migrate-[a-z0-9]+$", status=404, times=1)
+
+    _, state = run_approved(require_maintenance_mode=False)
+
+    assert state.is_failed()
+    assert "read job/backend-migrate-" in state.message and "404" in state.message
+    [(method, _, name)] = job_writes(kube)  # created, never deleted
+    assert method == "POST"
+    assert kube.get("batch/v1", "Job", NS, name)["status"]["active"] == 1

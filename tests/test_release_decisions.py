@@ -7,6 +7,7 @@ import copy
 
 import pytest
 
+from runbook.decisions.deployment import main_container
 from runbook.decisions.migrations import (
     alembic_current,
     applied_migrations,
@@ -21,7 +22,6 @@ from runbook.decisions.release import (
     history_rows,
     image_repository,
     image_tag,
-    main_container,
     plan_images,
     record,
     with_tag,

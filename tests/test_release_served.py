@@ -8,7 +8,15 @@ import json
 import pytest
 
 from tests.helpers import prefect_rest
-from tests.release_helpers import deployments_restored, live
+from tests.release_helpers import (
+    deployment_writes,
+    deployments_restored,
+    image_of,
+    kinds_of,
+    live,
+    wait_settled,
+    wait_until,
+)
 from tests.test_served_e2e import _artifact, _start, _wait_final
 
 pytestmark = pytest.mark.slow
@@ -61,3 +69,34 @@ def test_scale_and_rollout_history_through_the_rest_api(platform, served_api):
             assert final["state"]["type"] == "COMPLETED", final["state"]["message"]
             table = json.loads(_artifact(api, final["id"], "rollout-history"))
             assert table[0]["current"] == "✓"
+
+
+def test_a_deploy_cancelled_mid_rollout_rolls_back_what_it_touched(platform, kube, served_api):
+    """Cancel from the UI/API while the rollout is in progress: the runner SIGTERMs the
+    run's process; the flow must still write the recorded template back."""
+    recorded = image_of(kube, "frontend")
+    kube.rollout_delay = 600  # the new frontend's rollout stays in progress
+
+    with prefect_rest(served_api) as api:
+        run = _start(api, "deploy/deploy", {"version": "3.0.0", "components": ["frontend"]})
+        run_id = run.raise_for_status().json()["id"]
+        wait_until(
+            lambda: kinds_of(deployment_writes(kube, "frontend")) == ["set-image"],
+            "the deploy set the new image",
+            timeout=90,
+        )
+        kube.rollout_delay = 0.05  # the undo's rollout may complete
+        cancelled = api.post(
+            f"/flow_runs/{run_id}/set_state",
+            json={"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
+        )
+        assert cancelled.raise_for_status().json()["status"] == "ACCEPT"
+        final = _wait_final(api, run_id)
+
+    assert final["state"]["type"] == "CANCELLED", final["state"]["message"]
+    writes = deployment_writes(kube, "frontend")
+    assert kinds_of(writes) == ["set-image", "restore"]
+    assert writes[1].body[0]["value"]["spec"]["containers"][0]["image"] == recorded
+    wait_settled(kube, "frontend")
+    assert image_of(kube, "frontend") == recorded
+    assert {w.name for w in kube.writes} == {"frontend"}

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass
 from typing import Any
 
-from runbook.decisions.release import main_container
+from runbook.decisions.deployment import container_view, deployment_view, main_container
 
 JSON = dict[str, Any]
 
@@ -20,6 +21,8 @@ APP_DIRECTORY = "/app"
 MAINTENANCE_VARIABLE = "MAINTENANCE_MODE"
 # A finished Job the runbook could not delete (its process died) removes itself.
 JOB_TTL_SECONDS = 24 * 3600
+# Which run created the Job: a create retried after a lost answer finds it by this label.
+RUN_LABEL = "runbooks.complianceagent.ai/flow-run"
 
 # Copied from the backend's container: what the application needs to reach its database.
 # Not probes: a liveness probe would kill a long migration halfway.
@@ -40,12 +43,17 @@ def migration_job_name(deployment: str, run_id: str) -> str:
 
 
 def migration_job_body(
-    backend: JSON, job_name: str, deadline_seconds: int, command: str = MIGRATE_COMMAND
+    backend: JSON,
+    job_name: str,
+    deadline_seconds: int,
+    command: str = MIGRATE_COMMAND,
+    run_id: str = "manual",
 ) -> JSON:
     """A `batch/v1` Job running `command` in the backend's image, env and envFrom.
 
     One attempt (`backoffLimit: 0`): a migration that failed halfway is for a human to
-    look at, not to run again blindly. `activeDeadlineSeconds` stops a hung one.
+    look at, not to run again blindly. `activeDeadlineSeconds` stops a hung one. The
+    `RUN_LABEL` names the run that created it.
     """
     container = main_container(backend)
     pod_spec = backend["spec"]["template"]["spec"]
@@ -69,6 +77,7 @@ def migration_job_body(
     labels = {
         "app.kubernetes.io/name": f"{backend['metadata']['name']}-migrations",
         "app.kubernetes.io/managed-by": "complianceagent-runbooks",
+        RUN_LABEL: re.sub(r"[^A-Za-z0-9_.-]", "", run_id)[:63] or "manual",
     }
     return {
         "apiVersion": "batch/v1",
@@ -86,10 +95,68 @@ def migration_job_body(
 def maintenance_mode_of(deployment: JSON) -> bool:
     """Is the Deployment's `MAINTENANCE_MODE` variable "true"? (What the maintenance-window
     runbook sets, and what the backend honours.)"""
-    for variable in main_container(deployment).get("env") or []:
-        if variable.get("name") == MAINTENANCE_VARIABLE:
-            return str(variable.get("value", "")).strip().lower() == "true"
-    return False
+    value = deployment_view(deployment).container.env.get(MAINTENANCE_VARIABLE, "")
+    return value.strip().lower() == "true"
+
+
+@dataclass(frozen=True)
+class MigrationJob:
+    """The migration Job as its plan and report show it."""
+
+    name: str
+    image: str
+    working_dir: str
+    deadline_seconds: int
+    env_names: tuple[str, ...]
+    env_from: tuple[str, ...]
+
+
+def migration_job(body: JSON) -> MigrationJob:
+    """Read back what `migration_job_body` built."""
+    [container] = body["spec"]["template"]["spec"]["containers"]
+    view = container_view(container)
+    return MigrationJob(
+        name=body["metadata"]["name"],
+        image=view.image,
+        working_dir=view.working_dir or APP_DIRECTORY,
+        deadline_seconds=int(body["spec"]["activeDeadlineSeconds"]),
+        env_names=view.env_names,
+        env_from=view.env_from,
+    )
+
+
+def created_by(job: JSON, body: JSON) -> bool:
+    """Is `job` (found under our name) the one `body` describes, i.e. does it carry all of
+    our labels? A 409 on create means "created" only then."""
+    ours = body["metadata"].get("labels") or {}
+    theirs = job["metadata"].get("labels") or {}
+    return bool(ours) and all(theirs.get(k) == v for k, v in ours.items())
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """A Job's state as `kubectl wait` reads it from its conditions."""
+
+    finished: bool  # a Complete or Failed condition is True
+    succeeded: bool
+    detail: str  # the deciding condition's message or reason; empty while it runs
+
+
+def job_outcome(job: JSON) -> JobOutcome:
+    status = job.get("status") or {}
+    decided = [
+        c
+        for c in status.get("conditions") or []
+        if c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+    ]
+    if not decided:
+        return JobOutcome(finished=False, succeeded=False, detail="")
+    condition = decided[0]
+    return JobOutcome(
+        finished=True,
+        succeeded=condition["type"] == "Complete" and bool(status.get("succeeded")),
+        detail=condition.get("message") or condition.get("reason") or condition["type"],
+    )
 
 
 # `alembic current` prints `<revision> (head)`; a merge point or branch point says so.

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from runbook.decisions.deployment import deployment_view
 from runbook.decisions.refusal import Refused
-from runbook.decisions.revisions import REVISION_ANNOTATION
 
 JSON = dict[str, Any]
 
@@ -27,9 +27,6 @@ DEPLOY_ORDER: tuple[Component, ...] = ("backend", "celery-workers", "frontend")
 
 # A Docker image tag: what `docker tag` accepts (and nothing a shell would interpret).
 TAG_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
-
-# Kubernetes' own default when a Deployment does not say.
-DEFAULT_PROGRESS_DEADLINE_SECONDS = 600
 
 
 # --- images and containers -----------------------------------------------------------------
@@ -60,32 +57,8 @@ def with_tag(image: str, tag: str) -> str:
     return f"{image_repository(image)}:{tag}"
 
 
-def main_container(deployment: JSON) -> JSON:
-    """The container the runbook's `set image NAME=…` addresses: the one named like the
-    Deployment, else the only one."""
-    name = deployment["metadata"]["name"]
-    containers = deployment["spec"]["template"]["spec"]["containers"]
-    named = [c for c in containers if c.get("name") == name]
-    if named:
-        return dict(named[0])
-    if len(containers) == 1:
-        return dict(containers[0])
-    raise ValueError(
-        f"deployment/{name} has {len(containers)} containers and none is named {name!r}: "
-        "cannot tell which one runs the application"
-    )
-
-
 def current_revision(deployment: JSON) -> int:
-    annotations = deployment["metadata"].get("annotations") or {}
-    return int(annotations.get(REVISION_ANNOTATION) or 0)
-
-
-def progress_deadline_seconds(deployment: JSON) -> int:
-    """How long the controller lets a rollout make no progress before it calls it failed."""
-    return int(
-        deployment["spec"].get("progressDeadlineSeconds") or DEFAULT_PROGRESS_DEADLINE_SECONDS
-    )
+    return deployment_view(deployment).revision
 
 
 # --- deploy --------------------------------------------------------------------------------
@@ -110,18 +83,16 @@ def record(component: str, deployment: JSON, revisions: Sequence[JSON]) -> Recor
     The template is the current revision's ReplicaSet's (what `kubectl rollout undo` would
     write back); if the history lacks it, the Deployment's own template is the same thing.
     """
-    revision = current_revision(deployment)
-    entry = next((r for r in revisions if r["revision"] == revision), None)
-    template = entry["template"] if entry is not None else deployment["spec"]["template"]
-    container = main_container(deployment)
+    view = deployment_view(deployment)
+    entry = next((r for r in revisions if r["revision"] == view.revision), None)
     return Recorded(
         component=component,
-        deployment=deployment["metadata"]["name"],
-        container=container["name"],
-        image=container["image"],
-        revision=revision,
-        template=template,
-        progress_deadline_seconds=progress_deadline_seconds(deployment),
+        deployment=view.name,
+        container=view.container.name,
+        image=view.container.image,
+        revision=view.revision,
+        template=entry["template"] if entry is not None else view.template,
+        progress_deadline_seconds=view.progress_deadline_seconds,
     )
 
 
@@ -151,6 +122,34 @@ class ImageChange:
 def plan_images(version: str, records: Sequence[Recorded]) -> list[ImageChange]:
     """Each component's image at `version`, in its own repository."""
     return [ImageChange(r, with_tag(r.image, version)) for r in records]
+
+
+@dataclass(frozen=True)
+class Undone:
+    """What a deploy's automatic rollback achieved."""
+
+    revisions: dict[str, int]  # deployment → its revision once the undo rolled out
+    problems: tuple[str, ...]  # each step of the undo that failed, in order
+    health: str  # the health verdict after the undo
+
+    @property
+    def whole(self) -> bool:
+        return not self.problems
+
+
+def rollback_cause(version: str, why: str) -> str:
+    """The change-cause the undo records on each Deployment (the API caps annotations)."""
+    return f"deploy of {version} rolled back: {why}"[:500]
+
+
+def failed_deploy_summary(version: str, why: str, undone: Undone) -> str:
+    """One paragraph for the report, the run's error and chat: what failed, what was put
+    back, and how the platform is now."""
+    outcome = "rolled back" if undone.whole else "only PARTLY rolled back"
+    sentences = [f"Deploy of {version} failed and was {outcome}: {why}."]
+    sentences += [problem.rstrip(". ") + "." for problem in undone.problems]
+    sentences.append(f"After the rollback: {undone.health}.")
+    return " ".join(sentences)
 
 
 # --- rollback ------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from runbook.decisions.revisions import REVISION_ANNOTATION
+
 
 class RolloutPhase(enum.StrEnum):
     PROGRESSING = "progressing"
@@ -18,6 +20,23 @@ class RolloutPhase(enum.StrEnum):
 class RolloutVerdict:
     phase: RolloutPhase
     detail: str
+
+    @property
+    def finished(self) -> bool:
+        return self.phase is not RolloutPhase.PROGRESSING
+
+
+@dataclass(frozen=True)
+class RolloutOutcome:
+    """How a watched rollout ended: what `wait_for_rollout` returns and flows read."""
+
+    phase: RolloutPhase
+    reason: str
+    revision: int  # the Deployment's revision when the watch decided
+
+    @property
+    def complete(self) -> bool:
+        return self.phase is RolloutPhase.COMPLETE
 
     @property
     def finished(self) -> bool:
@@ -62,3 +81,11 @@ def rollout_verdict(deployment: dict[str, Any], min_generation: int = 0) -> Roll
             RolloutPhase.PROGRESSING, f"{available} of {updated} updated replicas available"
         )
     return RolloutVerdict(RolloutPhase.COMPLETE, f"{updated} replicas updated and available")
+
+
+def rollout_outcome(deployment: dict[str, Any], min_generation: int = 0) -> RolloutOutcome:
+    """The verdict on `deployment`, with the revision it is at: the one place that decides."""
+    verdict = rollout_verdict(deployment, min_generation)
+    annotations = (deployment.get("metadata") or {}).get("annotations") or {}
+    revision = int(annotations.get(REVISION_ANNOTATION) or 0)
+    return RolloutOutcome(verdict.phase, verdict.detail, revision)

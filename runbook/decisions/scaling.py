@@ -67,6 +67,18 @@ def hpa_name(deployment: str) -> str:
     return f"{deployment}-hpa"
 
 
+def hpa_note(hpa: JSON | None, replicas: int) -> str:
+    """What the autoscaler will do to a manual count: the plan and report say it."""
+    if hpa is None:
+        return "no HorizontalPodAutoscaler targets it"
+    spec = hpa["spec"]
+    low, high = spec.get("minReplicas", 1), spec["maxReplicas"]
+    note = f"HPA {hpa['metadata']['name']} keeps it within {low}-{high}"
+    if not low <= replicas <= high:
+        note += f"; it will move {replicas} back into that range"
+    return note
+
+
 def check_hpa_bounds(component: str, min_replicas: int, max_replicas: int) -> None:
     """A standing autoscaling policy stays within the component's floor and ceiling."""
     bounds = REPLICA_BOUNDS.get(component)
