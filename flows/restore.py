@@ -345,7 +345,9 @@ def _check_health(replicas: Mapping[str, int]) -> str:
     try:
         for name, count in replicas.items():
             if count > 0:
-                wait_for_rollout(name, deadline_seconds=300)
+                rollout = wait_for_rollout(name, deadline_seconds=300)
+                if not rollout.complete:
+                    return f"deployment/{name} did not come back: {rollout.reason}"
         health_check(notify_on_failure=False)
     except Exception as exc:
         return str(exc) or type(exc).__name__
