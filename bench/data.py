@@ -79,7 +79,7 @@ class _CompletionTime(logging.Handler):
 
 def child_backup(compression: str, level: str, key: str) -> None:
     from runbook.decisions.backups import Compression
-    from tasks.postgres import stream_dump_to_s3
+    from tasks.postgres_streams import stream_dump_to_s3
 
     completion = _CompletionTime()
     logging.getLogger("prefect.runbook").addHandler(completion)
@@ -109,8 +109,9 @@ def child_backup(compression: str, level: str, key: str) -> None:
 
 def child_restore(key: str, compression: str, sha256: str, scratch: str) -> None:
     from runbook.decisions.backups import Compression
-    from tasks.aws import hash_object
-    from tasks.postgres import count_rows, create_database, list_archive, pg_restore_from_s3
+    from tasks.postgres import count_rows, create_database
+    from tasks.postgres_streams import list_archive, pg_restore_from_s3
+    from tasks.s3_streams import hash_object
 
     started = time.perf_counter()
     checked = hash_object.fn(BUCKET, key)

@@ -54,7 +54,6 @@ from runbook.decisions.backups import (
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import database_label, load_settings
 from tasks.approval import Plan, request_approval
-from tasks.aws import get_object_bytes, hash_object, list_objects
 from tasks.kubernetes import read_deployment_scale, scale_deployment, wait_for_rollout
 from tasks.locks import exclusive
 from tasks.notify import notify_chat
@@ -63,11 +62,12 @@ from tasks.postgres import (
     create_database,
     describe_database,
     drop_database,
-    list_archive,
-    pg_restore_from_s3,
     read_schema_version,
     swap_databases,
 )
+from tasks.postgres_streams import list_archive, pg_restore_from_s3
+from tasks.s3 import get_object_bytes, list_objects
+from tasks.s3_streams import hash_object
 
 
 class BackupRefused(RuntimeError):
