@@ -48,8 +48,8 @@ from tasks.postgres_programs import (
 from tasks.retry_policy import TRANSIENT_RETRIES
 from tasks.s3_streams import READ_CHUNK, read_object_chunks, upload_stream
 
-# zstd level 1: on 2 cores level 3 takes twice the CPU of level 1 for a few % of size on
-# ordinary rows (`make bench`, table (a)), and the CPU is what pg_dump needs.
+# zstd level 1: level 3 takes about twice the CPU for at best ~5 % less size (on generated
+# rows it is larger: `make bench`, table (a)), and on 2 cores pg_dump needs that CPU.
 ZSTD_LEVEL = 1
 GZIP_LEVEL = 6  # zlib's default, what `pg_dump -Fc` uses unless told otherwise
 
