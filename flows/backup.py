@@ -39,21 +39,16 @@ from runbook.decisions.retention import (
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import database_label, load_settings
 from tasks.approval import Plan, request_approval
-from tasks.aws import (
+from tasks.locks import exclusive
+from tasks.notify import announce
+from tasks.postgres import count_rows, create_database, drop_database
+from tasks.postgres_streams import pg_dump_to_s3, pg_restore_from_s3
+from tasks.s3 import (
     abort_multipart_upload,
     delete_objects,
     list_multipart_uploads,
     list_objects,
     put_object_bytes,
-)
-from tasks.locks import exclusive
-from tasks.notify import announce
-from tasks.postgres import (
-    count_rows,
-    create_database,
-    drop_database,
-    pg_dump_to_s3,
-    pg_restore_from_s3,
 )
 
 

@@ -48,7 +48,6 @@ from runbook.decisions.restore import (
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import database_label, load_settings
 from tasks.approval import Plan, request_approval
-from tasks.aws import get_object_bytes, hash_object, list_objects
 from tasks.kubernetes import (
     read_deployment_scale,
     read_statefulset,
@@ -62,14 +61,15 @@ from tasks.postgres import (
     create_database,
     describe_database,
     drop_database,
-    list_archive,
-    pg_restore_from_s3,
     read_database_sizes,
     read_schema_version,
     read_wal_size,
     swap_databases,
 )
+from tasks.postgres_streams import list_archive, pg_restore_from_s3
 from tasks.retry_policy import done_if_gone
+from tasks.s3 import get_object_bytes, list_objects
+from tasks.s3_streams import hash_object
 
 
 class BackupRefused(RuntimeError):

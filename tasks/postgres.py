@@ -1,13 +1,11 @@
-"""Tasks that talk to PostgreSQL: SQL through psycopg, and `pg_dump`/`pg_restore`.
+"""Tasks that talk to PostgreSQL through psycopg: one SQL call (or one short transaction)
+each. The client programs are in `tasks/postgres_programs.py`, the streams between them
+and S3 (backup, restore, `pg_restore --list`) in `tasks/postgres_streams.py`.
 
-Credentials: the DSN (`RUNBOOK_DATABASE_DSN`) is a `SecretStr`. The client programs get
-the connection without its password on their command line and the password in the
-`PGPASSWORD` variable of their own environment only, so `ps` and the logs never show it;
-error messages are scrubbed of it all the same.
-
-The client programs must be the server's major version (a newer pg_dump writes archives
-an older pg_restore cannot read): they come from `RUNBOOK_POSTGRES_BINDIR`, else from
-Debian's `/usr/lib/postgresql/<server major>/bin`, else from PATH, and are checked.
+Credentials: the DSN (`RUNBOOK_DATABASE_DSN`) is a `SecretStr`. Every parse of it goes
+through `dsn_params`, whose error names the setting and never quotes it (libpq's own
+message quotes the token it choked on, which may well be the password); connection errors
+are scrubbed of it too.
 
 Database names given to these tasks are names, never SQL: they are always quoted as
 identifiers. `drop_database` refuses to drop the application database itself.
@@ -15,42 +13,19 @@ identifiers. `drop_database` refuses to drop the application database itself.
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import datetime as dt
-import fcntl
-import functools
-import hashlib
-import os
-import queue
-import re
-import shutil
-import subprocess
-import tempfile
-import threading
 import time
-from collections.abc import Generator, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
-from typing import IO, Any
+from collections.abc import Iterator
+from typing import Any
 
 import psycopg
-import zstandard
 from prefect import task
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from runbook.decisions.backups import Compression, Manifest
 from runbook.settings import load_settings
-from tasks.aws import DEFAULT_PART_SIZE, READ_CHUNK, MultipartUpload, read_object_chunks
 from tasks.logs import run_logger
 from tasks.retry_policy import TRANSIENT_RETRIES, PlatformCallError
-
-PIPE_CHUNK = 1024 * 1024
-READ_AHEAD = 8  # chunks of pg_dump output read ahead of the compression
-ZSTD_LEVEL = 3
-GZIP_LEVEL = 6  # zlib's default, what `pg_dump -Fc` uses unless told otherwise
-STDERR_KEEP = 200  # lines of a client program's stderr kept for the error message
 
 # Every ordinary table pg_dump dumps the data of: not system, temporary or extension-owned.
 _TABLES = """
@@ -64,29 +39,43 @@ ORDER BY 1, 2
 """
 
 
-class PostgresToolError(RuntimeError):
-    """pg_dump/pg_restore could not be found, is the wrong version, or failed."""
+class InvalidDsn(ValueError):
+    """`RUNBOOK_DATABASE_DSN` is not a connection string libpq can read."""
 
 
-# --- connections ------------------------------------------------------------------------
+# --- the DSN and connections ---------------------------------------------------------------
 
 
-def _dsn() -> str:
+def database_dsn() -> str:
+    """The secret DSN's value. Never log it, never put it in a message or a result."""
     return load_settings().require("database_dsn").get_secret_value()
 
 
-def _scrub(text: str, dsn: str) -> str:
+def dsn_params(dsn: str) -> dict[str, Any]:
+    """`conninfo_to_dict(dsn)`, failing with a message that names the setting, not its text."""
+    try:
+        return conninfo_to_dict(dsn)
+    except psycopg.Error:
+        pass
+    # Raised outside the `except`, so libpq's message is not even the context of ours.
+    raise InvalidDsn(
+        "RUNBOOK_DATABASE_DSN is not a valid libpq connection string (a URL or key=value "
+        "pairs; check quoting and %-escapes). Its text is not shown: it holds the password."
+    )
+
+
+def scrub(text: str, dsn: str) -> str:
     """`text` without the DSN or its password, whatever quoting they came in."""
-    password = str(conninfo_to_dict(dsn).get("password") or "")
+    password = str(dsn_params(dsn).get("password") or "")
     for secret in sorted({dsn, password}, key=len, reverse=True):
         if secret:
             text = text.replace(secret, "***")
     return text
 
 
-def _conninfo(dsn: str, database: str | None = None) -> tuple[str, str | None]:
+def conninfo(dsn: str, database: str | None = None) -> tuple[str, str | None]:
     """(conninfo without the password, password) for `database` (default: the DSN's)."""
-    params = conninfo_to_dict(dsn)
+    params = dsn_params(dsn)
     password = params.pop("password", None)
     if database is not None:
         params["dbname"] = database
@@ -95,168 +84,39 @@ def _conninfo(dsn: str, database: str | None = None) -> tuple[str, str | None]:
 
 def describe_database(database: str | None = None) -> str:
     """`complianceagent on 10.0.0.5:5432` — where a database is, without credentials."""
-    params = conninfo_to_dict(_dsn())
+    params = dsn_params(database_dsn())
     name = database or str(params.get("dbname") or params.get("user"))
     return f"{name} on {params.get('host', 'localhost')}:{params.get('port', '5432')}"
 
 
 @contextlib.contextmanager
-def _connect(database: str | None = None, **kwargs: Any) -> Iterator[psycopg.Connection[Any]]:
+def connect(database: str | None = None, **kwargs: Any) -> Iterator[psycopg.Connection[Any]]:
     """A connection to `database` (default: the application's), errors scrubbed."""
-    dsn = _dsn()
-    conninfo, password = _conninfo(dsn, database)
+    dsn = database_dsn()
+    info, password = conninfo(dsn, database)
     try:
-        with psycopg.connect(
-            conninfo, password=password, application_name="runbook", **kwargs
-        ) as conn:
+        with psycopg.connect(info, password=password, application_name="runbook", **kwargs) as conn:
             yield conn
     except psycopg.OperationalError as exc:
-        raise PlatformCallError(_scrub(f"PostgreSQL: {exc}", dsn), transient=True) from None
+        raise PlatformCallError(scrub(f"PostgreSQL: {exc}", dsn), transient=True) from None
 
 
 def _maintenance() -> contextlib.AbstractContextManager[psycopg.Connection[Any]]:
     """Autocommit connection to the maintenance database, for CREATE/DROP/ALTER DATABASE."""
-    return _connect(load_settings().postgres_maintenance_database, autocommit=True)
+    return connect(load_settings().postgres_maintenance_database, autocommit=True)
 
 
-# --- the client programs ----------------------------------------------------------------
-
-
-def _major(version_text: str) -> int:
-    match = re.search(r"\(PostgreSQL\) (\d+)", version_text)
-    if match is None:
-        raise PostgresToolError(f"cannot read a PostgreSQL version from {version_text!r:.80}")
-    return int(match.group(1))
-
-
-@functools.lru_cache(maxsize=16)
-def _version_of(program: str) -> str:
-    result = subprocess.run(
-        [program, "--version"], capture_output=True, text=True, timeout=10, check=True
-    )
-    return result.stdout.strip()
-
-
-def client_program(name: str, server_major: int) -> tuple[str, str]:
-    """(path, `--version` text) of `pg_dump`/`pg_restore` for a server of `server_major`."""
-    bindir = load_settings().postgres_bindir
-    if bindir is not None:
-        candidates = [str(bindir / name)]
-    else:
-        candidates = [f"/usr/lib/postgresql/{server_major}/bin/{name}"]
-        on_path = shutil.which(name)
-        if on_path:
-            candidates.append(on_path)
-    found = []
-    for candidate in candidates:
-        if not os.access(candidate, os.X_OK):
-            continue
-        version = _version_of(candidate)
-        if _major(version) == server_major:
-            return candidate, version
-        found.append(f"{candidate} is {version}")
-    raise PostgresToolError(
-        f"no {name} of PostgreSQL {server_major} (the server's major version) found"
-        + (f" ({'; '.join(found)})" if found else "")
-        + "; install it or point RUNBOOK_POSTGRES_BINDIR at its bin directory"
-    )
-
-
-def _program_env(password: str | None) -> dict[str, str]:
-    # No PG* variables of ours leak in (a stray PGDATABASE would win over nothing);
-    # the password reaches the child through its own environment only.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    if password is not None:
-        env["PGPASSWORD"] = password
-    return env
-
-
-class _StderrTail:
-    """Drain a child's stderr on a thread (a full pipe would stall it); keep the tail."""
-
-    def __init__(self, stream: IO[bytes]) -> None:
-        self.lines: collections.deque[str] = collections.deque(maxlen=STDERR_KEEP)
-        self._thread = threading.Thread(target=self._drain, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _drain(self, stream: IO[bytes]) -> None:
-        for line in stream:
-            self.lines.append(line.decode(errors="replace").rstrip())
-
-    def text(self) -> str:
-        self._thread.join(timeout=5)
-        return "\n".join(self.lines)
-
-
-def _larger_pipe(stream: IO[bytes]) -> None:
-    """Let the pipe hold 1 MiB instead of 64 KiB, where Linux allows: fewer stalls."""
-    with contextlib.suppress(OSError, AttributeError):
-        fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, PIPE_CHUNK)
-
-
-def _pipe_chunks(stream: IO[bytes]) -> Generator[bytes, None, None]:
-    while chunk := stream.read(PIPE_CHUNK):
-        yield chunk
-
-
-def _read_ahead(
-    source: Generator[bytes, None, None], depth: int = READ_AHEAD
-) -> Generator[bytes, None, None]:
-    """Yield what `source` yields, pulled by a thread up to `depth` chunks ahead.
-
-    Without it, the two ends take turns instead of overlapping: pg_dump stops writing
-    while we compress (a pipe holds little), and pg_restore waits while we download.
-    """
-    chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item: bytes | BaseException | None) -> None:
-        while not stop.is_set():
-            with contextlib.suppress(queue.Full):
-                chunks.put(item, timeout=0.2)
-                return
-
-    def pull() -> None:
-        with contextlib.closing(source):  # closed by the thread that runs it
-            try:
-                for chunk in source:
-                    put(chunk)
-                    if stop.is_set():
-                        return
-            except BaseException as exc:
-                put(exc)
-            put(None)
-
-    threading.Thread(target=pull, daemon=True, name="read-ahead").start()
-    try:
-        while (item := chunks.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.kill()
-    process.wait(timeout=30)
-
-
-# --- single SQL calls -------------------------------------------------------------------
-
-
-@task(**TRANSIENT_RETRIES)
-def read_server_version() -> dict[str, Any]:
+def server_version() -> dict[str, Any]:
     """`SHOW server_version`: `{"version": "15.18 (Debian …)", "num": 150018}`."""
-    with _connect() as conn:
+    with connect() as conn:
         version = conn.execute("SHOW server_version").fetchone()
         number = conn.execute("SHOW server_version_num").fetchone()
     assert version is not None and number is not None
     return {"version": str(version[0]), "num": int(number[0])}
 
 
-def _count_rows(conn: psycopg.Connection[Any]) -> dict[str, int]:
+def table_row_counts(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    """`SELECT count(*)` of every table pg_dump dumps, on `conn` (in its snapshot)."""
     counts = {}
     for schema, table in conn.execute(_TABLES).fetchall():
         query = sql.SQL("SELECT count(*) FROM ONLY {}.{}").format(
@@ -267,7 +127,8 @@ def _count_rows(conn: psycopg.Connection[Any]) -> dict[str, int]:
     return counts
 
 
-def _schema_version(conn: psycopg.Connection[Any]) -> str | None:
+def schema_version(conn: psycopg.Connection[Any]) -> str | None:
+    """alembic's version(s) on `conn`, None if the table is not there."""
     found = conn.execute("SELECT to_regclass('public.alembic_version')").fetchone()
     if not found or found[0] is None:
         return None
@@ -275,18 +136,27 @@ def _schema_version(conn: psycopg.Connection[Any]) -> str | None:
     return ",".join(sorted(str(r[0]) for r in rows)) or None
 
 
+# --- tasks ------------------------------------------------------------------------------------
+
+
+@task(**TRANSIENT_RETRIES)
+def read_server_version() -> dict[str, Any]:
+    """`SHOW server_version`: `{"version": "15.18 (Debian …)", "num": 150018}`."""
+    return server_version()
+
+
 @task(**TRANSIENT_RETRIES, task_run_name="count rows in {database}")
 def count_rows(database: str) -> dict[str, int]:
     """`SELECT count(*)` of every table of `database`: `{"schema.table": rows}`."""
-    with _connect(database) as conn:
-        return _count_rows(conn)
+    with connect(database) as conn:
+        return table_row_counts(conn)
 
 
 @task(**TRANSIENT_RETRIES, task_run_name="read schema version of {database}")
 def read_schema_version(database: str) -> str | None:
     """`SELECT version_num FROM alembic_version` (None if the table is not there)."""
-    with _connect(database) as conn:
-        return _schema_version(conn)
+    with connect(database) as conn:
+        return schema_version(conn)
 
 
 @task(**TRANSIENT_RETRIES, task_run_name="create database {name}")
@@ -379,301 +249,13 @@ def swap_databases(live: str, scratch: str, keep_as: str, wait_seconds: float = 
             raise
 
 
-# --- pg_dump → S3 -----------------------------------------------------------------------
-
-
-def stream_dump_to_s3(
-    bucket: str,
-    key: str,
-    backup_id: str,
-    compression: Compression,
-    *,
-    part_size: int = DEFAULT_PART_SIZE,
-    zstd_level: int = ZSTD_LEVEL,
-    zstd_threads: int = 0,
-) -> Manifest:
-    """Run pg_dump and store its archive at s3://bucket/key as it is written.
-
-    Row counts are taken in the snapshot pg_dump dumps (exported by our transaction and
-    handed to `pg_dump --snapshot`), on that connection while pg_dump runs. Returns the
-    manifest (not yet stored); raises with nothing left in the bucket if anything fails.
-    """
-    dsn = _dsn()
-    logger = run_logger()
-    started = dt.datetime.now(dt.UTC)
-    conninfo, password = _conninfo(dsn)
-    with _connect(autocommit=False) as snap, ThreadPoolExecutor(1) as counter:
-        snap.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        row = snap.execute(
-            "SELECT pg_export_snapshot(), current_database(), current_setting('server_version'),"
-            " current_setting('server_version_num')::int"
-        ).fetchone()
-        assert row is not None
-        snapshot, database, server_version, server_version_num = row
-        program, program_version = client_program("pg_dump", server_version_num // 10000)
-        level = 0 if compression is Compression.ZSTD else GZIP_LEVEL
-        argv = [
-            program,
-            "--format=custom",
-            f"--compress={level}",
-            f"--snapshot={snapshot}",
-            "--no-password",
-            f"--dbname={conninfo}",
-        ]
-        logger.info("running %s", " ".join([*argv[:-1], "--dbname=<the application database>"]))
-        process = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_program_env(password)
-        )
-        assert process.stdout is not None and process.stderr is not None
-        stderr = _StderrTail(process.stderr)
-        counts: Future[tuple[dict[str, int], str | None]] = counter.submit(
-            lambda: (_count_rows(snap), _schema_version(snap))
-        )
-        compressor = (
-            zstandard.ZstdCompressor(level=zstd_level, threads=zstd_threads).compressobj()
-            if compression is Compression.ZSTD
-            else None
-        )
-        digest, dump_bytes = hashlib.sha256(), 0
-        metadata = {"backup-id": backup_id, "database": database, "compression": compression}
-        try:
-            with MultipartUpload(bucket, key, part_size=part_size, metadata=metadata) as upload:
-                _larger_pipe(process.stdout)
-                for chunk in _read_ahead(_pipe_chunks(process.stdout)):
-                    dump_bytes += len(chunk)
-                    stored = compressor.compress(chunk) if compressor else chunk
-                    if stored:
-                        digest.update(stored)
-                        upload.write(stored)
-                if compressor:
-                    tail = compressor.flush()
-                    digest.update(tail)
-                    upload.write(tail)
-                if process.wait() != 0:
-                    raise PostgresToolError(
-                        _scrub(f"pg_dump exited with {process.returncode}: {stderr.text()}", dsn)
-                    )
-                row_counts, schema_version = counts.result()
-                stored_object = upload.complete()
-                logger.info(
-                    "stored s3://%s/%s: %d parts; S3 put them together in %.2fs",
-                    bucket,
-                    key,
-                    stored_object["parts"],
-                    stored_object["complete_seconds"],
-                )
-        except BaseException:
-            _stop(process)
-            snap.cancel_safe()  # the counting may still run; it must not hold us up
-            raise
-        finally:
-            counts.cancel()
-    finished = dt.datetime.now(dt.UTC)
-    return Manifest(
-        backup_id=backup_id,
-        database=database,
-        archive_key=key,
-        compression=compression,
-        size_bytes=stored_object["size"],
-        dump_bytes=dump_bytes,
-        sha256=digest.hexdigest(),
-        started_at=started,
-        finished_at=finished,
-        server_version=server_version,
-        server_version_num=server_version_num,
-        pg_dump_version=program_version,
-        snapshot=snapshot,
-        row_counts=row_counts,
-        schema_version=schema_version,
-    )
-
-
-@task(task_run_name="pg_dump to s3://{bucket}/{key}")
-def pg_dump_to_s3(bucket: str, key: str, backup_id: str, compression: Compression) -> Manifest:
-    """`pg_dump -Fc | aws s3 cp - s3://bucket/key`, in bounded memory, with a manifest.
-
-    Not retried by Prefect: a second attempt would dump everything again. Each part is
-    retried inside, and a failed run leaves nothing behind, so the next run starts clean.
-    """
-    manifest = stream_dump_to_s3(bucket, key, backup_id, compression)
-    run_logger().info(
-        "stored %s: %d bytes (%d from pg_dump), %d tables, sha256 %s",
-        key,
-        manifest.size_bytes,
-        manifest.dump_bytes,
-        len(manifest.row_counts),
-        manifest.sha256,
-    )
-    return manifest
-
-
-# --- S3 → pg_restore --------------------------------------------------------------------
-
-
-def _archive_chunks(
-    bucket: str, key: str, compression: Compression, digest: Any | None = None
-) -> Generator[bytes, None, None]:
-    """The pg_dump archive's bytes, read from S3 and decompressed as needed; the stored
-    bytes are fed to `digest` on the way."""
-    decompressor = (
-        zstandard.ZstdDecompressor().decompressobj() if compression is Compression.ZSTD else None
-    )
-    for stored in read_object_chunks(bucket, key, READ_CHUNK):
-        if digest is not None:
-            digest.update(stored)
-        if decompressor is None:
-            yield stored
-            continue
-        try:
-            archive = decompressor.decompress(stored)
-        except zstandard.ZstdError as exc:
-            raise PostgresToolError(f"s3://{bucket}/{key} is not valid zstd: {exc}") from None
-        if archive:
-            yield archive
-
-
-def _feed(process: subprocess.Popen[bytes], chunks: Generator[bytes, None, None]) -> bool:
-    """Write `chunks` to the child's stdin; False if the child stopped reading first.
-
-    Either way the generator is closed, which closes the S3 response under it.
-    """
-    assert process.stdin is not None
-    with contextlib.closing(chunks):
-        try:
-            for chunk in chunks:
-                process.stdin.write(chunk)
-            process.stdin.close()
-        except BrokenPipeError:
-            return False
-    return True
-
-
-@task(**TRANSIENT_RETRIES, task_run_name="pg_restore --list s3://{bucket}/{key}")
-def list_archive(bucket: str, key: str, compression: Compression) -> list[str]:
-    """`pg_restore --list`: the archive's table of contents, read from its first bytes.
-
-    Proves pg_restore of the server's version can read the archive at all, before
-    anything is changed. Returns the `TABLE DATA` entries as `schema.table`.
-    """
-    dsn = _dsn()
-    server = read_server_version.fn()
-    program, _ = client_program("pg_restore", server["num"] // 10000)
-    process = subprocess.Popen(
-        [program, "--list", "--format=custom"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=_program_env(None),
-    )
-    assert process.stdout is not None and process.stderr is not None
-    stderr = _StderrTail(process.stderr)
-    with ThreadPoolExecutor(1) as reader:
-        listing = reader.submit(process.stdout.read)
-        try:
-            _feed(process, _archive_chunks(bucket, key, compression))
-        finally:
-            _stop_when_done(process)
-        text = listing.result().decode(errors="replace")
-    if process.returncode != 0:
-        raise PostgresToolError(
-            _scrub(f"pg_restore --list exited with {process.returncode}: {stderr.text()}", dsn)
-        )
-    entries = re.findall(r"^\d+; \d+ \d+ TABLE DATA (\S+) (\S+) ", text, flags=re.M)
-    return [f"{schema}.{table}" for schema, table in entries]
-
-
-def _stop_when_done(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _stop(process)
-
-
-@task(task_run_name="pg_restore s3://{bucket}/{key} into {database}")
-def pg_restore_from_s3(
-    bucket: str,
-    key: str,
-    compression: Compression,
-    sha256: str,
-    database: str,
-    jobs: int = 1,
-) -> dict[str, Any]:
-    """`aws s3 cp s3://bucket/key - | pg_restore --no-owner -d database`.
-
-    With `jobs` = 1 the archive streams from S3 straight into pg_restore (no local copy).
-    With more, pg_restore needs a file it can seek in: the archive is written to a
-    private temporary file first (checked against `sha256` before use) and restored with
-    `--jobs`. Either way the stored bytes are hashed on the way and a mismatch fails the
-    restore. `--exit-on-error`: any error stops it, there is no half-restored success.
-    Not retried: the caller drops the database and starts over if it wants to.
-    """
-    dsn = _dsn()
-    logger = run_logger()
-    server = read_server_version.fn()
-    program, _ = client_program("pg_restore", server["num"] // 10000)
-    conninfo, password = _conninfo(dsn, database)
-    argv = [
-        program,
-        "--format=custom",
-        "--no-owner",
-        "--exit-on-error",
-        "--no-password",
-        f"--dbname={conninfo}",
-    ]
-    digest = hashlib.sha256()
-    started = dt.datetime.now(dt.UTC)
-    with tempfile.TemporaryDirectory(prefix="runbook-restore-") as workdir:
-        if jobs > 1:
-            archive = Path(workdir) / "archive.dump"
-            with archive.open("wb") as file:
-                for chunk in _archive_chunks(bucket, key, compression, digest):
-                    file.write(chunk)
-            _check_digest(digest, sha256, bucket, key)
-            argv += [f"--jobs={jobs}", str(archive)]
-        logger.info("running %s", " ".join(a for a in argv if not a.startswith("--dbname")))
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE if jobs == 1 else subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=_program_env(password),
-        )
-        assert process.stderr is not None
-        stderr = _StderrTail(process.stderr)
-        try:
-            if jobs == 1:
-                assert process.stdin is not None
-                _larger_pipe(process.stdin)
-                _feed(process, _read_ahead(_archive_chunks(bucket, key, compression, digest)))
-            process.wait()
-        except BaseException:
-            _stop(process)
-            raise
-    if process.returncode != 0:
-        raise PostgresToolError(
-            _scrub(f"pg_restore exited with {process.returncode}: {stderr.text()}", dsn)
-        )
-    _check_digest(digest, sha256, bucket, key)
-    seconds = (dt.datetime.now(dt.UTC) - started).total_seconds()
-    logger.info("restored s3://%s/%s into %s in %.1fs", bucket, key, database, seconds)
-    return {"database": database, "seconds": seconds, "jobs": jobs}
-
-
-def _check_digest(digest: Any, expected: str, bucket: str, key: str) -> None:
-    if digest.hexdigest() != expected:
-        raise PostgresToolError(
-            f"s3://{bucket}/{key} changed while it was read: SHA-256 {digest.hexdigest()[:16]}…, "
-            f"the manifest says {expected[:16]}…"
-        )
-
-
 # --- disk usage (the restore's free-space check) ---------------------------------------
 
 
 @task(**TRANSIENT_RETRIES)
 def read_database_sizes() -> dict[str, int | None]:
     """`pg_database_size` of every database on the server (None where we may not connect)."""
-    with _connect() as conn:
+    with connect() as conn:
         rows = conn.execute(
             "SELECT datname, CASE WHEN has_database_privilege(oid, 'CONNECT')"
             " THEN pg_database_size(oid) END FROM pg_database ORDER BY datname"
@@ -685,7 +267,7 @@ def read_database_sizes() -> dict[str, int | None]:
 def read_wal_size() -> int | None:
     """Bytes in the server's WAL directory (`pg_ls_waldir()`); None if we may not read it
     (it needs superuser or pg_monitor)."""
-    with _connect() as conn:
+    with connect() as conn:
         try:
             row = conn.execute("SELECT coalesce(sum(size), 0) FROM pg_ls_waldir()").fetchone()
         except psycopg.errors.InsufficientPrivilege:

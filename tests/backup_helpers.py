@@ -18,6 +18,7 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
+from prefect.client.schemas.sorting import LogSort
 
 from sandbox.platform import BACKUP_BUCKET, Sandbox
 
@@ -90,11 +91,28 @@ def scale_writes(platform: Sandbox) -> list[tuple[str, int]]:
     ]
 
 
+def _wait_for_last_log(prefect_api: Any, run_id: UUID, timeout: float = 30.0) -> None:
+    """Logs reach the server in batches (PREFECT_LOGGING_TO_API_BATCH_INTERVAL): wait until
+    the run's last line, the engine's `Finished in state …`, is there. Its subflows finished
+    before it, and their lines went out in the same or an earlier batch."""
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        logs = prefect_api.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
+            sort=LogSort.TIMESTAMP_DESC,
+            limit=5,
+        )
+        if any(log.message.startswith("Finished in state") for log in logs):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"flow run {run_id}'s last log line never reached the server")
+
+
 def stored_by_the_server(run_id: UUID) -> str:
     """Everything Prefect keeps about a run and its subflows, as one text: their log lines,
     artifacts, parameters, and the state messages of the runs and their task runs."""
-    time.sleep(1.0)  # logs reach the server in batches (PREFECT_LOGGING_TO_API_BATCH_INTERVAL)
     with get_client(sync_client=True) as prefect_api:
+        _wait_for_last_log(prefect_api, run_id)
         runs = [prefect_api.read_flow_run(run_id)]
         runs += prefect_api.read_flow_runs(
             flow_run_filter=FlowRunFilter(

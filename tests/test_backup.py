@@ -220,14 +220,14 @@ def test_an_upload_left_by_a_crashed_run_is_aborted_by_the_next_one(live):
 
 
 def test_s3_failing_mid_upload_leaves_no_object_and_no_upload(platform, probe):
-    # After the first 8 MiB part, S3 becomes unreachable for 8 s: the part retries give
-    # up, the backup fails, and the abort goes through once S3 is back.
+    # After the first 8 MiB part, S3 becomes unreachable for 8 s: the managed transfer's
+    # part retries give up, the backup fails, and the abort goes through once S3 is back.
     probe.cut_after(uploaded_bytes=12 * 2**20, outage_seconds=8)
 
     state = backup(return_state=True)
 
     assert state.is_failed()
-    assert "upload part" in state.message
+    assert "upload s3://" in state.message and "partNumber=" in state.message  # a part failed
     assert probe.uploaded > 8 * 2**20  # it really was mid-upload
     assert uploads(platform, PROBE) == []
     assert objects(platform, PROBE) == []
