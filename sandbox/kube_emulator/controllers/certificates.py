@@ -12,7 +12,8 @@ False with reason `Failed`, the Certificate gets `failedIssuanceAttempts` + 1,
 issuing controller does; its Ready and its Secret stay as they were.
 
 A seeded Certificate that is already Ready with a `notAfter` gets a real certificate of
-that validity in its Secret at once, so a seeded cluster serves real TLS from the start.
+that validity in its Secret (and the CertificateRequest it came from) at once, so a
+seeded cluster serves real TLS from the start.
 """
 
 from __future__ import annotations
@@ -314,12 +315,31 @@ class CertificateController(Controller):
         not_before = (
             parse_rfc3339(status["notBefore"]) if status.get("notBefore") else not_after - duration
         )
+        revision = int(status.get("revision") or 1)
+        issuance = _Issuance(
+            0,
+            f"{cert['metadata']['name']}-{revision}",
+            revision,
+            new_private_key(spec.get("privateKey")),
+        )
         issued = self.ca.issue(
             common_name=spec.get("commonName"),
             dns_names=list(spec.get("dnsNames") or []),
             not_before=not_before,
             not_after=not_after,
-            key=new_private_key(spec.get("privateKey")),
+            key=issuance.key,
+        )
+        # The request it came from, as cert-manager keeps the latest one.
+        self._create_request(cert, issuance, not_before)
+        self._update_request(
+            cert["metadata"]["namespace"],
+            issuance.request,
+            "True",
+            "Issued",
+            "Certificate fetched from issuer successfully",
+            not_before,
+            certificate=_b64(issued.certificate_pem),
+            ca=_b64(self.ca.certificate_pem),
         )
         self._write_tls_secret(cert, issued, ca_pem=self.ca.certificate_pem)
 
