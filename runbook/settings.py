@@ -135,6 +135,20 @@ class PlatformSettings(BaseSettings):
     )
     statuspage_api_key: SecretStr | None = Field(None, description="Status page API key.")
 
+    # --- TLS (certificate renewal) ----------------------------------------------------
+    tls_endpoints: dict[str, str] = Field(
+        default_factory=dict,
+        description='Where each Certificate is served, as JSON {"<certificate>": "host:port"}. '
+        "The handshake verifies the Certificate's first dnsName either way; a Certificate "
+        "not listed is checked at <first dnsName>:443.",
+    )
+    tls_ca_bundle: Path | None = Field(
+        None,
+        description="PEM bundle of the CAs to trust when checking a served certificate. "
+        "Unset: the CA the issuer returned with the certificate (CertificateRequest "
+        "status.ca, the Secret's ca.crt), else the system's trust store.",
+    )
+
     # --- Approvals --------------------------------------------------------------------
     approval_timeout_seconds: int = Field(
         3600, ge=5, le=7 * 24 * 3600, description="How long a plan waits for a decision."

@@ -16,7 +16,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
-from typing import Any
+from typing import Any, Self
 from urllib.parse import unquote, urlsplit
 
 import psycopg
@@ -26,6 +26,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from sandbox.services import LOOPBACK, ThreadedHTTPService
+from sandbox.tls_listener import TLSListener, TLSMaterial
 
 # Prometheus client defaults, so dashboards and the p99 maths behave as in production.
 DEFAULT_BUCKETS: tuple[float, ...] = (
@@ -140,8 +141,11 @@ class BackendStandIn(ThreadedHTTPService):
         replicas: Callable[[], int] = lambda: 1,
         host: str = LOOPBACK,
         port: int = 0,
+        tls_material: Callable[[], TLSMaterial | None] | None = None,
     ) -> None:
         super().__init__(host=host, port=port)
+        # HTTPS on a second port, with the certificate of a TLS Secret (reloaded on change).
+        self.tls = TLSListener(_Handler, self, tls_material, host) if tls_material else None
         self.database_dsn = database_dsn
         self.redis_url = redis_url
         self.maintenance_mode = maintenance_mode
@@ -152,6 +156,17 @@ class BackendStandIn(ThreadedHTTPService):
         self._failures: dict[str, deque[int]] = {}
         self._knob_lock = threading.Lock()
         self._metrics = _RequestMetrics()
+
+    def start(self) -> Self:
+        super().start()
+        if self.tls is not None:
+            self.tls.start()
+        return self
+
+    def stop(self) -> None:
+        if self.tls is not None:
+            self.tls.stop()
+        super().stop()
 
     # -- test knobs ------------------------------------------------------------------
 

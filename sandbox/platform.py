@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import secrets
 from contextlib import ExitStack
 from typing import Any, Self
@@ -22,6 +23,7 @@ from sandbox.backend_standin import BackendStandIn
 from sandbox.kube_emulator import KubeEmulator
 from sandbox.receiver import NotificationReceiver
 from sandbox.services import MotoServer, PostgresServer, RedisServer, Service
+from sandbox.tls_listener import TLSMaterial
 
 NAMESPACE = "complianceagent"
 IMAGE_VERSION = "1.4.2"
@@ -29,6 +31,9 @@ API_KEY_SECRET_ID = "complianceagent/api-key"
 BACKUP_BUCKET = "complianceagent-backups"
 PAGERDUTY_ROUTING_KEY = "sandbox-routing-key"
 AWS_REGION = "us-east-1"
+# The API's certificate: cert-manager keeps it in TLS_SECRET, the backend serves it (HTTPS).
+TLS_CERTIFICATE = "complianceagent-tls"
+TLS_SECRET = "tls-secret"
 
 # A small production: what the runbooks find when they start.
 SEED_TABLES = {
@@ -95,10 +100,10 @@ def _deployment(name: str, image: str, replicas: int, env: dict[str, str]) -> di
 
 
 def kubernetes_objects() -> list[dict[str, Any]]:
-    """The seeded cluster: the runbook's Deployments, StatefulSets and TLS certificate."""
+    """The seeded cluster: the runbook's Deployments, StatefulSets and TLS certificate
+    (the emulated cert-manager writes a real certificate of its validity to its Secret)."""
     now = dt.datetime.now(dt.UTC)
     not_after = now + dt.timedelta(days=60)
-    tls = base64.b64encode(b"sandbox").decode()
     return [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
         _deployment(
@@ -132,18 +137,11 @@ def kubernetes_objects() -> list[dict[str, Any]]:
             for name, image in (("postgres", "postgres:15"), ("redis", "redis:7"))
         ),
         {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "type": "kubernetes.io/tls",
-            "metadata": {"name": "tls-secret", "namespace": NAMESPACE},
-            "data": {"tls.crt": tls, "tls.key": tls},
-        },
-        {
             "apiVersion": "cert-manager.io/v1",
             "kind": "Certificate",
-            "metadata": {"name": "complianceagent-tls", "namespace": NAMESPACE},
+            "metadata": {"name": TLS_CERTIFICATE, "namespace": NAMESPACE},
             "spec": {
-                "secretName": "tls-secret",
+                "secretName": TLS_SECRET,
                 "dnsNames": ["api.complianceagent.ai", "app.complianceagent.ai"],
                 "duration": "2160h",
                 "renewBefore": "720h",
@@ -192,6 +190,7 @@ class Sandbox(Service):
                     redis_url=self.redis.url,
                     maintenance_mode=self._backend_in_maintenance,
                     replicas=self._backend_replicas,
+                    tls_material=self._tls_material,
                 )
             )
             self.seed()
@@ -235,6 +234,7 @@ class Sandbox(Service):
         self.backend.reset()
         self.receiver.clear()
         self.kube.clear_rollout_failures()
+        self.kube.clear_certificate_failures()
         self.kube.clear_writes()
 
     # --- views the runbooks' effects are checked against -----------------------------
@@ -255,6 +255,24 @@ class Sandbox(Service):
     def _backend_replicas(self) -> int:
         deployment = self._backend_deployment()
         return int(deployment["spec"].get("replicas", 1)) if deployment else 0
+
+    def _tls_material(self) -> TLSMaterial | None:
+        """The backend's certificate as its ingress would mount it: the TLS Secret now."""
+        secret = self.kube.get("v1", "Secret", NAMESPACE, TLS_SECRET)
+        data = (secret or {}).get("data") or {}
+        if secret is None or not data.get("tls.crt") or not data.get("tls.key"):
+            return None
+        return TLSMaterial(
+            secret["metadata"]["resourceVersion"],
+            base64.b64decode(data["tls.crt"]),
+            base64.b64decode(data["tls.key"]),
+        )
+
+    @property
+    def tls_address(self) -> str:
+        """`host:port` where the backend serves HTTPS with the TLS Secret's certificate."""
+        assert self.backend is not None and self.backend.tls is not None
+        return self.backend.tls.address
 
     def s3(self) -> Any:
         return boto3.client("s3", **self.moto.boto3_kwargs(AWS_REGION))
@@ -282,6 +300,8 @@ class Sandbox(Service):
             "RUNBOOK_PAGERDUTY_EVENTS_URL": f"{receiver}/v2/enqueue",
             "RUNBOOK_PAGERDUTY_ROUTING_KEY": PAGERDUTY_ROUTING_KEY,
             "RUNBOOK_STATUSPAGE_URL": f"{receiver}/statuspage/incidents",
+            # Where each Certificate is served; its first dnsName is what TLS verifies.
+            "RUNBOOK_TLS_ENDPOINTS": json.dumps({TLS_CERTIFICATE: self.tls_address}),
             "AWS_ACCESS_KEY_ID": "sandbox",
             "AWS_SECRET_ACCESS_KEY": "sandbox",
             "AWS_DEFAULT_REGION": AWS_REGION,

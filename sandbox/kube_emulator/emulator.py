@@ -174,6 +174,21 @@ class KubeEmulator(Service):
     def job_delay(self, seconds: float) -> None:
         self._controllers.jobs.delay = seconds
 
+    def fail_certificate_issuance(self, certificate: str, message: str) -> None:
+        """Issuers fail every request of Certificates named `certificate` with `message`
+        (the CertificateRequest's Ready=False, reason Failed) until cleared."""
+        with self._cluster.lock:
+            self._controllers.certificates.failures[certificate] = message
+
+    def clear_certificate_failures(self) -> None:
+        with self._cluster.lock:
+            self._controllers.certificates.failures.clear()
+
+    @property
+    def ca_certificate_pem(self) -> str:
+        """The sandbox CA that signs every issued certificate (the Secrets' `ca.crt`)."""
+        return self._controllers.certificates.ca.certificate_pem
+
     @property
     def certificate_delay(self) -> float:
         return self._controllers.certificates.delay

@@ -56,6 +56,9 @@ JOBS = _rt("batch", "v1", "jobs", "Job", "status")
 HPAS = _rt("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", "status")
 CERT_MANAGER = "cert-manager.io"
 CERTIFICATES = _rt(CERT_MANAGER, "v1", "certificates", "Certificate", "status", custom=True)
+CERTIFICATE_REQUESTS = _rt(
+    CERT_MANAGER, "v1", "certificaterequests", "CertificateRequest", "status", custom=True
+)
 
 REGISTRY: tuple[ResourceType, ...] = (
     NAMESPACES,
@@ -76,7 +79,7 @@ REGISTRY: tuple[ResourceType, ...] = (
     HPAS,
     _rt("networking.k8s.io", "v1", "ingresses", "Ingress", "status"),
     CERTIFICATES,
-    _rt(CERT_MANAGER, "v1", "certificaterequests", "CertificateRequest", "status", custom=True),
+    CERTIFICATE_REQUESTS,
     _rt(CERT_MANAGER, "v1", "issuers", "Issuer", "status", custom=True),
     _rt(CERT_MANAGER, "v1", "clusterissuers", "ClusterIssuer", namespaced=False, custom=True),
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -9,6 +10,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
@@ -456,19 +459,30 @@ def test_job_outcome_and_pod_logs(
 # --- Certificates ------------------------------------------------------------------------
 
 
+def x509_of(emu: KubeEmulator, ns: str, secret: str, key: str = "tls.crt") -> x509.Certificate:
+    data = (emu.get("v1", "Secret", ns, secret) or {})["data"][key]
+    return x509.load_pem_x509_certificate(base64.b64decode(data))
+
+
+def test_a_seeded_ready_certificate_has_a_real_certificate_in_its_secret(
+    emu: KubeEmulator, ns: str
+) -> None:
+    emu.seed(certificate(ns, "2030-01-01T00:00:00Z"))
+
+    leaf, ca = x509_of(emu, ns, "api-tls"), x509_of(emu, ns, "api-tls", "ca.crt")
+    assert leaf.not_valid_after_utc.isoformat() == "2030-01-01T00:00:00+00:00"
+    assert (leaf.not_valid_after_utc - leaf.not_valid_before_utc).days == 90  # spec.duration
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["api.example.com"]
+    assert leaf.issuer == ca.subject
+    leaf.verify_directly_issued_by(ca)  # signed by the sandbox CA
+    assert ca.public_bytes(serialization.Encoding.PEM).decode() == emu.ca_certificate_pem
+
+
 def test_deleting_the_secret_renews_the_certificate(
     emu: KubeEmulator, core: client.CoreV1Api, custom: client.CustomObjectsApi, ns: str
 ) -> None:
     emu.seed(certificate(ns, "2026-01-05T00:00:00Z"))
-    emu.seed(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "type": "kubernetes.io/tls",
-            "metadata": {"name": "api-tls", "namespace": ns},
-            "data": {"tls.crt": "b2xk"},
-        }
-    )
     core.delete_namespaced_secret("api-tls", ns)
 
     def renewed() -> dict[str, Any] | None:
@@ -485,18 +499,28 @@ def test_deleting_the_secret_renews_the_certificate(
     assert [e.what for e in emu.history if e.namespace == ns][-1] == "CertificateReady"
 
 
+def issuing_like_cmctl(custom: client.CustomObjectsApi, ns: str) -> None:
+    """`cmctl renew`: Issuing=True added by a status update, the other conditions kept."""
+    cert = custom.get_namespaced_custom_object(*CERTS, ns, "certificates", "api-tls")
+    cert["status"]["conditions"].append(
+        {"type": "Issuing", "status": "True", "reason": "ManuallyTriggered", "message": "renew"}
+    )
+    custom.replace_namespaced_custom_object_status(*CERTS, ns, "certificates", "api-tls", cert)
+
+
 def test_issuing_condition_renews_the_certificate_like_cmctl(
     emu: KubeEmulator, custom: client.CustomObjectsApi, ns: str
 ) -> None:
     emu.seed(certificate(ns, "2026-01-05T00:00:00Z"))
-    issuing = {"type": "Issuing", "status": "True", "reason": "ManuallyTriggered"}
-    custom.patch_namespaced_custom_object_status(
-        *CERTS,
-        ns,
-        "certificates",
-        "api-tls",
-        {"status": {"conditions": [{"type": "Ready", "status": "True"}, issuing]}},
-    )
+    old_serial = x509_of(emu, ns, "api-tls").serial_number
+    issuing_like_cmctl(custom, ns)
+
+    # While it is issued the current certificate is still served: Ready stays True.
+    during = emu.get("cert-manager.io/v1", "Certificate", ns, "api-tls")
+    assert {c["type"]: c["status"] for c in during["status"]["conditions"]} == {
+        "Ready": "True",
+        "Issuing": "True",
+    }
     cert = eventually(
         lambda: (
             (c := emu.get("cert-manager.io/v1", "Certificate", ns, "api-tls"))
@@ -504,8 +528,55 @@ def test_issuing_condition_renews_the_certificate_like_cmctl(
             and c
         )
     )
-    assert cert["status"]["notAfter"] > "2026-01-05T00:00:00Z"
-    assert emu.get("v1", "Secret", ns, "api-tls") is not None
+    leaf = x509_of(emu, ns, "api-tls")
+    assert leaf.serial_number != old_serial
+    assert cert["status"]["notAfter"] == leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert cert["status"]["notBefore"] == leaf.not_valid_before_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+    lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    renewal = leaf.not_valid_after_utc - lifetime / 3  # 2/3 of the lifetime: no renewBefore
+    assert cert["status"]["renewalTime"] == renewal.strftime("%Y-%m-%dT%H:%M:%SZ")
+    request = emu.get("cert-manager.io/v1", "CertificateRequest", ns, "api-tls-5")
+    assert request["metadata"]["annotations"]["cert-manager.io/certificate-revision"] == "5"
+    ready = next(c for c in request["status"]["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("True", "Issued")
+    issued = x509.load_pem_x509_certificate(base64.b64decode(request["status"]["certificate"]))
+    assert issued.serial_number == leaf.serial_number
+    csr = x509.load_pem_x509_csr(base64.b64decode(request["spec"]["request"]))
+    assert csr.public_key() == leaf.public_key()
+
+
+def test_a_failing_issuer_fails_the_request_and_keeps_the_secret(
+    emu: KubeEmulator, custom: client.CustomObjectsApi, ns: str
+) -> None:
+    emu.seed(certificate(ns, "2026-01-05T00:00:00Z"))
+    old_serial = x509_of(emu, ns, "api-tls").serial_number
+    emu.fail_certificate_issuance("api-tls", "ACME order failed: rate limited")
+    try:
+        issuing_like_cmctl(custom, ns)
+        request = eventually(
+            lambda: (
+                (r := emu.get("cert-manager.io/v1", "CertificateRequest", ns, "api-tls-5"))
+                and any(c.get("reason") == "Failed" for c in r["status"]["conditions"])
+                and r
+            )
+        )
+    finally:
+        emu.clear_certificate_failures()
+    ready = next(c for c in request["status"]["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["message"]) == ("False", "ACME order failed: rate limited")
+    cert = eventually(
+        lambda: (
+            (c := emu.get("cert-manager.io/v1", "Certificate", ns, "api-tls"))
+            and c["status"].get("failedIssuanceAttempts") == 1
+            and c
+        )
+    )
+    conditions = {c["type"]: c for c in cert["status"]["conditions"]}
+    assert conditions["Issuing"]["status"] == "False"
+    assert conditions["Issuing"]["reason"] == "Failed"
+    assert conditions["Ready"]["status"] == "True"
+    assert cert["status"]["revision"] == 4 and cert["status"]["lastFailureTime"]
+    assert x509_of(emu, ns, "api-tls").serial_number == old_serial  # the Secret is untouched
 
 
 # --- faults, the write log, HPAs, discovery ----------------------------------------------

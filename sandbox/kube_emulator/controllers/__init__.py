@@ -76,4 +76,4 @@ class Controllers:
         elif rt is JOBS and old is None:
             self.jobs.created(new, seeded)
         elif rt is CERTIFICATES:
-            self.certificates.changed(old, new)
+            self.certificates.changed(old, new, seeded)
