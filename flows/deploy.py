@@ -43,7 +43,7 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from flows.health_check import health_check
-from runbook.decisions.deployment import deployment_view
+from runbook.decisions.deployment import DeploymentView, deployment_view
 from runbook.decisions.release import (
     TAG_PATTERN,
     Deployable,
@@ -100,13 +100,14 @@ def record_component(component: str, deployment: str) -> Recorded:
     return record(component, read_deployment(deployment), list_deployment_revisions(deployment))
 
 
-def watch_rollout(recorded: Recorded, generation: int) -> RolloutOutcome:
-    """`kubectl rollout status` for the change that produced `generation`; raises
-    `RolloutFailed` unless it completed (we give up 30 s after the controller should)."""
-    deadline = recorded.progress_deadline_seconds + ROLLOUT_GRACE_SECONDS
-    outcome = wait_for_rollout(recorded.deployment, generation, deadline)
+def rollout_status(changed: DeploymentView) -> RolloutOutcome:
+    """`kubectl rollout status` for the change that produced `changed` (the Deployment as
+    our write returned it); raises `RolloutFailed` unless it completed (we give up 30 s
+    after the controller should have said)."""
+    deadline = changed.progress_deadline_seconds + ROLLOUT_GRACE_SECONDS
+    outcome = wait_for_rollout(changed.name, changed.generation, deadline)
     if not outcome.complete:
-        raise RolloutFailed(f"rollout of deployment/{recorded.deployment} failed: {outcome.reason}")
+        raise RolloutFailed(f"rollout of deployment/{changed.name} failed: {outcome.reason}")
     return outcome
 
 
@@ -114,7 +115,7 @@ def roll_out(change: ImageChange) -> RolloutOutcome:
     """`kubectl set image` and `kubectl rollout status`: the new image, rolled out."""
     r = change.recorded
     patched = set_deployment_image(r.deployment, r.container, change.target_image)
-    return watch_rollout(r, deployment_view(patched).generation)
+    return rollout_status(deployment_view(patched))
 
 
 def verify_health(timeout_seconds: float) -> str:
@@ -134,22 +135,20 @@ def roll_back(touched: Sequence[ImageChange], cause: str, health_timeout_seconds
     server as early as possible. Safe on a component whose image was never changed
     (restoring the same template changes nothing).
     """
-    generations: dict[str, int] = {}
+    restored: dict[str, DeploymentView] = {}
     problems: list[str] = []
     for change in reversed(touched):
         r = change.recorded
         try:
-            restored = restore_pod_template(r.deployment, r.template, cause)
-            generations[r.deployment] = deployment_view(restored).generation
+            restored[r.deployment] = deployment_view(
+                restore_pod_template(r.deployment, r.template, cause)
+            )
         except Exception as exc:
             problems.append(f"restoring deployment/{r.deployment} failed: {exc}")
     revisions: dict[str, int] = {}
-    for change in reversed(touched):
-        r = change.recorded
-        if r.deployment not in generations:
-            continue
+    for name, view in restored.items():
         try:
-            revisions[r.deployment] = watch_rollout(r, generations[r.deployment]).revision
+            revisions[name] = rollout_status(view).revision
         except Exception as exc:
             problems.append(str(exc))
     try:

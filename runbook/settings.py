@@ -110,6 +110,19 @@ class PlatformSettings(BaseSettings):
         max_length=512,
         description="Secrets Manager id of the API key that secret rotation renews.",
     )
+    database_password_secret_id: str | None = Field(
+        "complianceagent/database-password",
+        min_length=1,
+        max_length=512,
+        description="Secrets Manager id of the application role's database password "
+        "(a plain string) that secret rotation renews; unset: not rotated here.",
+    )
+    database_app_role: str = Field(
+        "complianceagent_app",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="PostgreSQL role whose password that secret holds (the pods log in "
+        "as it); secret rotation runs ALTER ROLE on it.",
+    )
     backup_bucket: str = Field(
         "complianceagent-backups",
         pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",

@@ -10,11 +10,13 @@ Deployment env and replica count). Tests inject latency and failures per path.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Self
 from urllib.parse import unquote, urlsplit
@@ -49,6 +51,16 @@ CHECK_TIMEOUT_SECONDS = 2
 
 _JSON = "application/json"
 _PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class PodSecrets:
+    """What the backend's pods load when they start (from an ExternalSecret in a real
+    cluster): the API key clients must send, and the database role and its password."""
+
+    api_key: str
+    database_user: str
+    database_password: str
 
 
 class _RequestMetrics:
@@ -126,6 +138,8 @@ class BackendStandIn(ThreadedHTTPService):
     - ``force_status[path]``: answer ``path`` with this status until removed.
     - ``fail_next(path, status, times)``: answer the next ``times`` requests with ``status``.
     - ``maintenance_mode`` / ``replicas``: the callables given, reassignable.
+    - ``restart_pods()``: the pods (re)start and call ``load_secrets`` (``pod_starts``
+      counts them); until then, and if loading fails, no key is accepted.
     - ``requests``: how many requests each path received (also those refused).
     - ``reset()``: clear all of the above except the callables.
     """
@@ -139,6 +153,7 @@ class BackendStandIn(ThreadedHTTPService):
         redis_url: str,
         maintenance_mode: Callable[[], bool] = lambda: False,
         replicas: Callable[[], int] = lambda: 1,
+        load_secrets: Callable[[], PodSecrets] | None = None,
         host: str = LOOPBACK,
         port: int = 0,
         tls_material: Callable[[], TLSMaterial | None] | None = None,
@@ -156,6 +171,9 @@ class BackendStandIn(ThreadedHTTPService):
         self._failures: dict[str, deque[int]] = {}
         self._knob_lock = threading.Lock()
         self._metrics = _RequestMetrics()
+        self.load_secrets = load_secrets
+        self._pod_secrets: PodSecrets | None = None
+        self.pod_starts = 0
 
     def start(self) -> Self:
         super().start()
@@ -206,13 +224,13 @@ class BackendStandIn(ThreadedHTTPService):
         delay = self.delay_seconds.get(path, 0.0)
         if delay > 0:
             time.sleep(delay)
-        status, body, content_type = self._answer(handler.command, path)
+        status, body, content_type = self._answer(handler.command, path, handler.headers)
         if path != "/metrics":  # scrapes would skew the latency the runbook reads
             # Recorded before sending so a scrape right after this response includes it.
             self._metrics.observe(time.perf_counter() - started, status)
         _send(handler, status, body, content_type)
 
-    def _answer(self, method: str, path: str) -> tuple[int, Any, str]:
+    def _answer(self, method: str, path: str, headers: Any = None) -> tuple[int, Any, str]:
         injected = self._take_injected_status(path)
         if injected is not None:
             return injected, {"status": "error", "detail": f"injected failure ({injected})"}, _JSON
@@ -230,6 +248,7 @@ class BackendStandIn(ThreadedHTTPService):
             "/health/live": lambda: (200, {"status": "alive"}),
             "/health/db": self._check_database,
             "/health/redis": self._check_redis,
+            "/api/v1/me": lambda: self._who_am_i(headers),
         }
         if path == "/metrics":
             if method != "GET":
@@ -253,7 +272,10 @@ class BackendStandIn(ThreadedHTTPService):
     def _check_database(self) -> tuple[int, dict[str, str]]:
         try:
             with psycopg.connect(
-                self.database_dsn, connect_timeout=CHECK_TIMEOUT_SECONDS, autocommit=True
+                self.database_dsn,
+                connect_timeout=CHECK_TIMEOUT_SECONDS,
+                autocommit=True,
+                **self._database_login(),
             ) as conn:
                 conn.execute("SELECT 1").fetchone()
         except Exception as exc:  # any failure is "disconnected" to a health probe
@@ -279,9 +301,41 @@ class BackendStandIn(ThreadedHTTPService):
     def _short_reason(self, exc: BaseException) -> str:
         """One line naming the failure, with connection strings and passwords removed."""
         text = " ".join(str(exc).split()) or "no detail"
-        for secret in _secrets_in(self.database_dsn, self.redis_url):
+        pod = self._pod_secrets
+        extra = [pod.api_key, pod.database_password] if pod else []
+        for secret in sorted(
+            {*_secrets_in(self.database_dsn, self.redis_url), *extra}, key=len, reverse=True
+        ):
             text = text.replace(secret, "***")
         return f"{type(exc).__name__}: {text}"[:200]
+
+    # -- pods and their secrets -------------------------------------------------------
+
+    def restart_pods(self) -> None:
+        """The backend's pods (re)start: they load the secrets as they are now. A failed
+        load leaves them without (every key refused, /health/db with no password)."""
+        self.pod_starts += 1
+        try:
+            self._pod_secrets = self.load_secrets() if self.load_secrets else None
+        except Exception:
+            self._pod_secrets = None
+
+    def _database_login(self) -> dict[str, Any]:
+        """Who /health/db logs in as: the role and password the pods loaded, if any."""
+        if self.load_secrets is None:
+            return {}  # no secrets wired: the DSN's own credentials
+        pod = self._pod_secrets
+        if pod is None:
+            return {"password": ""}
+        return {"user": pod.database_user, "password": pod.database_password}
+
+    def _who_am_i(self, headers: Any) -> tuple[int, dict[str, str]]:
+        """An authenticated endpoint: 200 for the API key the pods loaded, 401 otherwise."""
+        sent = (headers.get("X-API-Key") if headers is not None else None) or ""
+        pod = self._pod_secrets
+        if pod is None or not hmac.compare_digest(sent.encode(), pod.api_key.encode()):
+            return 401, {"detail": "invalid or missing API key"}
+        return 200, {"authenticated": "api-key"}
 
 
 def _secrets_in(database_dsn: str, redis_url: str) -> list[str]:

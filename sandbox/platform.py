@@ -18,8 +18,9 @@ from typing import Any, Self
 
 import boto3
 import psycopg
+from psycopg import sql
 
-from sandbox.backend_standin import BackendStandIn
+from sandbox.backend_standin import BackendStandIn, PodSecrets
 from sandbox.kube_emulator import KubeEmulator
 from sandbox.receiver import NotificationReceiver
 from sandbox.services import MotoServer, PostgresServer, RedisServer, Service
@@ -28,6 +29,9 @@ from sandbox.tls_listener import TLSMaterial
 NAMESPACE = "complianceagent"
 IMAGE_VERSION = "1.4.2"
 API_KEY_SECRET_ID = "complianceagent/api-key"
+# The application role the backend's pods log in as; its password lives in Secrets Manager.
+DATABASE_PASSWORD_SECRET_ID = "complianceagent/database-password"
+APP_ROLE = "complianceagent_app"
 BACKUP_BUCKET = "complianceagent-backups"
 PAGERDUTY_ROUTING_KEY = "sandbox-routing-key"
 AWS_REGION = "us-east-1"
@@ -166,6 +170,21 @@ def kubernetes_objects() -> list[dict[str, Any]]:
     ]
 
 
+def _serving_revision(deployment: dict[str, Any]) -> str | None:
+    """The revision whose pods serve: the Deployment's, once its rollout has completed."""
+    status = deployment.get("status") or {}
+    if status.get("observedGeneration") != deployment["metadata"].get("generation"):
+        return None
+    progressing: dict[str, Any] = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == "Progressing"), {}
+    )
+    if progressing.get("reason") != "NewReplicaSetAvailable":
+        return None
+    return str(
+        (deployment["metadata"].get("annotations") or {}).get("deployment.kubernetes.io/revision")
+    )
+
+
 class Sandbox(Service):
     """Start with `with Sandbox() as platform:`; `platform.env` points the runbooks here."""
 
@@ -177,6 +196,8 @@ class Sandbox(Service):
         self.kube = KubeEmulator()
         self.receiver = NotificationReceiver()
         self.backend: BackendStandIn | None = None
+        self._pods_secretsmanager: Any = None
+        self._backend_pod_revision: str | None = None
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -191,9 +212,11 @@ class Sandbox(Service):
                     maintenance_mode=self._backend_in_maintenance,
                     replicas=self._backend_replicas,
                     tls_material=self._tls_material,
+                    load_secrets=self._pod_secrets_now,
                 )
             )
             self.seed()
+            self._start_backend_pods()
         except BaseException:
             self._stack.close()
             raise
@@ -225,6 +248,64 @@ class Sandbox(Service):
         self.secretsmanager().create_secret(
             Name=API_KEY_SECRET_ID, SecretString=secrets.token_urlsafe(32)
         )
+        self._seed_app_role()
+
+    # --- the backend's pods load their secrets when they start (secret rotation) ---------
+
+    def _seed_app_role(self) -> None:
+        """The role the backend's pods log in as, with a random password that is also the
+        database-password secret; the runbooks' own role may set its password."""
+        password = secrets.token_urlsafe(32)
+        role = sql.Identifier(APP_ROLE)
+        with psycopg.connect(self.postgres.admin_dsn, autocommit=True) as db:
+            found = db.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (APP_ROLE,)).fetchone()
+            verb = sql.SQL("ALTER" if found else "CREATE")
+            db.execute(
+                sql.SQL("{} ROLE {} LOGIN PASSWORD {}").format(verb, role, sql.Literal(password))
+            )
+            # Secret rotation's setSecret is `ALTER ROLE ... PASSWORD` by the runbooks' role.
+            runbooks = sql.Identifier(self.postgres.app_user)
+            db.execute(sql.SQL("ALTER ROLE {} CREATEROLE").format(runbooks))
+            db.execute(sql.SQL("GRANT {} TO {} WITH ADMIN OPTION").format(role, runbooks))
+        self.secretsmanager().create_secret(Name=DATABASE_PASSWORD_SECRET_ID, SecretString=password)
+
+    def _pod_secrets_now(self) -> PodSecrets:
+        """What an ExternalSecret would deliver to a starting pod: AWSCURRENT of each."""
+        if self._pods_secretsmanager is None:
+            self._pods_secretsmanager = self.secretsmanager()
+        sm = self._pods_secretsmanager
+
+        def current(secret_id: str) -> str:
+            # moto quirk (and right on AWS): name the stage, or an old value may come back.
+            answer = sm.get_secret_value(SecretId=secret_id, VersionStage="AWSCURRENT")
+            return str(answer["SecretString"])
+
+        return PodSecrets(
+            api_key=current(API_KEY_SECRET_ID),
+            database_user=APP_ROLE,
+            database_password=current(DATABASE_PASSWORD_SECRET_ID),
+        )
+
+    def _start_backend_pods(self) -> None:
+        """Start the backend's pods now, and again whenever a new revision of the backend
+        Deployment has rolled out (a restart, a deploy, a rollback): the new pods load
+        the secrets as they are at that moment. A failed rollout keeps the old pods."""
+        assert self.backend is not None
+        deployment = self._backend_deployment()
+        self._backend_pod_revision = _serving_revision(deployment) if deployment else None
+        self.backend.restart_pods()
+        self.kube.on_change(self._follow_backend_rollouts)
+
+    def _follow_backend_rollouts(
+        self, rt: Any, old: dict[str, Any] | None, new: dict[str, Any] | None, seeded: bool
+    ) -> None:
+        if rt.kind != "Deployment" or new is None or new["metadata"]["name"] != "backend":
+            return
+        serving = _serving_revision(new)
+        if serving is not None and serving != self._backend_pod_revision:
+            self._backend_pod_revision = serving
+            assert self.backend is not None
+            self.backend.restart_pods()
 
     def reset(self) -> None:
         """Forget what the previous test did to the fault knobs and recorders."""
@@ -295,6 +376,8 @@ class Sandbox(Service):
             "RUNBOOK_AWS_REGION": AWS_REGION,
             "RUNBOOK_AWS_ENDPOINT_URL": self.moto.endpoint_url,
             "RUNBOOK_API_KEY_SECRET_ID": API_KEY_SECRET_ID,
+            "RUNBOOK_DATABASE_PASSWORD_SECRET_ID": DATABASE_PASSWORD_SECRET_ID,
+            "RUNBOOK_DATABASE_APP_ROLE": APP_ROLE,
             "RUNBOOK_BACKUP_BUCKET": BACKUP_BUCKET,
             "RUNBOOK_SLACK_WEBHOOK_URL": f"{receiver}/slack/T000/B000/sandbox",
             "RUNBOOK_PAGERDUTY_EVENTS_URL": f"{receiver}/v2/enqueue",

@@ -7,6 +7,8 @@ import time
 
 import httpx
 from prefect import task
+from prefect.cache_policies import NONE
+from pydantic import SecretStr
 
 from runbook.decisions.health import EndpointCheck, judge_response
 from tasks.retry_policy import TRANSIENT_HTTP_STATUSES, TRANSIENT_RETRIES, PlatformCallError
@@ -44,3 +46,36 @@ def check_endpoint(base_url: str, endpoint: str, timeout_seconds: float) -> Endp
         body = None
     problem = judge_response(endpoint, response.status_code, body)
     return EndpointCheck(endpoint, not problem, response.status_code, latency_ms, text, problem)
+
+
+# The path an authenticated request goes to, to see which API key the backend's pods hold.
+WHOAMI_PATH = "/api/v1/me"
+
+
+@task(
+    **TRANSIENT_RETRIES,
+    persist_result=False,
+    cache_policy=NONE,
+    task_run_name="GET {path} with an API key",
+)
+def status_with_api_key(
+    base_url: str, api_key: SecretStr, timeout_seconds: float, path: str = WHOAMI_PATH
+) -> int:
+    """GET `path` with `X-API-Key`; returns the HTTP status (200 accepted, 401 refused).
+
+    The key is an argument because the request needs it; Prefect does not store task
+    arguments, and this task stores no result. A 429/5xx or no answer is retried.
+    """
+    url = base_url.rstrip("/") + path
+    try:
+        with httpx.Client(timeout=httpx.Timeout(timeout_seconds)) as http:
+            response = http.get(url, headers={"X-API-Key": api_key.get_secret_value()})
+    except httpx.TransportError as exc:
+        raise PlatformCallError(f"GET {path}: {type(exc).__name__}", transient=True) from None
+    if response.status_code in TRANSIENT_HTTP_STATUSES:
+        raise PlatformCallError(
+            f"GET {path}: HTTP {response.status_code}",
+            status=response.status_code,
+            transient=True,
+        )
+    return response.status_code

@@ -185,7 +185,9 @@ def set_deployment_env(
 def restart_deployment(name: str, namespace: str | None = None) -> JSON:
     """`kubectl rollout restart deployment/NAME`: stamp the pod template so pods are replaced."""
     ns = _namespace(namespace)
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # RFC 3339 like kubectl's, but to the microsecond: a second restart within the same
+    # second (an undo right after a failed restart) must still change the template.
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     patch = {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT_ANNOTATION: now}}}}}
     obj: JSON = _call(
         f"restart deployment/{name} in {ns}", _apps().patch_namespaced_deployment, name, ns, patch

@@ -57,3 +57,4 @@ def test_every_form_field_is_described(spec):
 def test_periodic_runbooks_are_scheduled():
     schedules = {spec.name: spec.schedules for spec in CATALOG}
     assert schedules["health-check"][0]["cron"] == "*/5 * * * *"
+    assert schedules["secret-rotation"][0]["interval"] == 30 * 24 * 3600

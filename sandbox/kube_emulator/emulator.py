@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import re
 import threading
+from collections.abc import Callable
 
 from sandbox.services import Service
 
@@ -98,6 +99,14 @@ class KubeEmulator(Service):
 
     def list(self, api_version: str, kind: str, namespace: str | None = None) -> list[JSON]:
         return self._cluster.list(self._type(api_version, kind), namespace)
+
+    def on_change(
+        self, observer: Callable[[ResourceType, JSON | None, JSON | None, bool], None]
+    ) -> None:
+        """Call `observer(type, old, new, seeded)` after every stored change, under the
+        cluster's lock (keep it quick): how the sandbox's stand-ins follow the cluster."""
+        with self._cluster.lock:
+            self._cluster.observers.append(observer)
 
     def set_pod_logs(self, namespace: str, name: str, logs: str) -> None:
         """What `read_namespaced_pod_log` answers for a (seeded) pod."""
