@@ -108,7 +108,9 @@ def _run_name() -> str:
 
 @flow(name="maintenance-window", flow_run_name=_run_name, log_prints=False)
 def maintenance_window(
-    reason: Annotated[str, Field(min_length=3, max_length=200)],
+    reason: Annotated[
+        str, Field(min_length=3, max_length=200, examples=["Schema upgrade (CHG-1234)"])
+    ],
     duration_seconds: Annotated[int, Field(ge=10, le=8 * 3600)] = 1800,
     work: Work = "manual",
     backup_id: Annotated[str, Field(pattern=rf"^({LATEST}|{BACKUP_ID_PATTERN})$")] = LATEST,
