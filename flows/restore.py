@@ -90,6 +90,7 @@ def restore(
     backup_id: Annotated[str, Field(pattern=rf"^({LATEST}|{BACKUP_ID_PATTERN})$")] = LATEST,
     jobs: Annotated[int, Field(ge=1, le=16)] = 1,
     allow_schema_change: bool = False,
+    check_health: bool = True,
 ) -> dict[str, Any]:
     """Restore the application database from a backup, beside it, then swap it in.
 
@@ -126,6 +127,9 @@ def restore(
             in parallel): worth it on a server with cores to spare (1-16).
         allow_schema_change: Restore even if the backup's schema (alembic) version differs
             from the live database's; the backend must then be migrated to match.
+        check_health: Run the health check after the swap. A maintenance window unticks
+            it: its backend answers 503 until maintenance mode is off, and the window
+            checks health itself then.
     """
     settings = load_settings()
     timer = StepTimer()
@@ -180,7 +184,7 @@ def restore(
 
         # 10. Wait for the writers, then check the platform's health.
         with timer.step("health check"):
-            outcome.health = _check_health(plan.replicas)
+            outcome.health = _check_health(plan.replicas, check_health)
         if outcome.health:
             raise RestoreFailed(f"the health check failed afterwards: {outcome.health}")
 
@@ -340,14 +344,17 @@ def _compare_row_counts(plan: RestorePlan, outcome: RestoreOutcome) -> None:
         )
 
 
-def _check_health(replicas: Mapping[str, int]) -> str:
-    """Wait for the scaled-back workloads, then run the health check; empty if healthy."""
+def _check_health(replicas: Mapping[str, int], run_health_check: bool) -> str | None:
+    """Wait for the scaled-back workloads, then run the health check: empty if healthy,
+    the problem if not, None if the workloads came back and the check was not asked for."""
     try:
         for name, count in replicas.items():
             if count > 0:
                 rollout = wait_for_rollout(name, deadline_seconds=300)
                 if not rollout.complete:
                     return f"deployment/{name} did not come back: {rollout.reason}"
+        if not run_health_check:
+            return None
         health_check(notify_on_failure=False)
     except Exception as exc:
         return str(exc) or type(exc).__name__

@@ -147,6 +147,11 @@ class PlatformSettings(BaseSettings):
         None, description="Status page API endpoint that receives incident updates."
     )
     statuspage_api_key: SecretStr | None = Field(None, description="Status page API key.")
+    alertmanager_url: AnyHttpUrl | None = Field(
+        None,
+        description="Alertmanager base URL; a maintenance window silences the platform's "
+        "alerts there. Unset: no silence.",
+    )
 
     # --- TLS (certificate renewal) ----------------------------------------------------
     tls_endpoints: dict[str, str] = Field(

@@ -15,7 +15,7 @@ import json
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Self
@@ -111,6 +111,31 @@ class _RequestMetrics:
         return "\n".join(lines) + "\n"
 
 
+class _InFlightGauge:
+    """`http_requests_in_flight`: requests being served right now (a scrape is not one)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            self.value += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.value -= 1
+
+    def render(self) -> str:
+        return (
+            "# HELP http_requests_in_flight Requests being served now (scrapes excluded).\n"
+            "# TYPE http_requests_in_flight gauge\n"
+            f"http_requests_in_flight {self.value}\n"
+        )
+
+
 def _prom_float(value: float) -> str:
     return repr(float(value))
 
@@ -134,7 +159,8 @@ class BackendStandIn(ThreadedHTTPService):
 
     Test knobs (safe to change while serving):
 
-    - ``delay_seconds[path]``: sleep this long before answering ``path``.
+    - ``delay_seconds[path]``: sleep this long before answering ``path`` (the request
+      counts in ``http_requests_in_flight`` meanwhile).
     - ``force_status[path]``: answer ``path`` with this status until removed.
     - ``fail_next(path, status, times)``: answer the next ``times`` requests with ``status``.
     - ``maintenance_mode`` / ``replicas``: the callables given, reassignable.
@@ -171,6 +197,7 @@ class BackendStandIn(ThreadedHTTPService):
         self._failures: dict[str, deque[int]] = {}
         self._knob_lock = threading.Lock()
         self._metrics = _RequestMetrics()
+        self._in_flight = _InFlightGauge()
         self.load_secrets = load_secrets
         self._pod_secrets: PodSecrets | None = None
         self.pod_starts = 0
@@ -204,7 +231,12 @@ class BackendStandIn(ThreadedHTTPService):
 
     def metrics_text(self) -> str:
         """What ``GET /metrics`` would answer now."""
-        return self._metrics.render()
+        return self._metrics.render() + self._in_flight.render()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being served now (what ``http_requests_in_flight`` says)."""
+        return self._in_flight.value
 
     # -- serving ---------------------------------------------------------------------
 
@@ -221,19 +253,29 @@ class BackendStandIn(ThreadedHTTPService):
             _send(handler, 503, {"status": "unavailable"})
             return
 
-        delay = self.delay_seconds.get(path, 0.0)
-        if delay > 0:
-            time.sleep(delay)
-        status, body, content_type = self._answer(handler.command, path, handler.headers)
-        if path != "/metrics":  # scrapes would skew the latency the runbook reads
+        if path == "/metrics":  # a scrape is neither in flight nor in the latency it reads
+            status, body, content_type = self._answer(handler.command, path)
+            _send(handler, status, body, content_type)
+            return
+        with self._in_flight.held():
+            delay = self.delay_seconds.get(path, 0.0)
+            if delay > 0:
+                time.sleep(delay)
+            status, body, content_type = self._answer(handler.command, path, handler.headers)
             # Recorded before sending so a scrape right after this response includes it.
             self._metrics.observe(time.perf_counter() - started, status)
-        _send(handler, status, body, content_type)
+            _send(handler, status, body, content_type)
 
     def _answer(self, method: str, path: str, headers: Any = None) -> tuple[int, Any, str]:
         injected = self._take_injected_status(path)
         if injected is not None:
             return injected, {"status": "error", "detail": f"injected failure ({injected})"}, _JSON
+
+        if path == "/metrics":
+            # Served in maintenance too: the drain before maintenance work reads it.
+            if method != "GET":
+                return 405, {"detail": "Method Not Allowed"}, _JSON
+            return 200, self.metrics_text(), _PROMETHEUS_TEXT
 
         if self.maintenance_mode():
             if path == "/health/live":
@@ -250,10 +292,6 @@ class BackendStandIn(ThreadedHTTPService):
             "/health/redis": self._check_redis,
             "/api/v1/me": lambda: self._who_am_i(headers),
         }
-        if path == "/metrics":
-            if method != "GET":
-                return 405, {"detail": "Method Not Allowed"}, _JSON
-            return 200, self._metrics.render(), _PROMETHEUS_TEXT
         route = routes.get(path)
         if route is None:
             return 404, {"detail": "Not Found"}, _JSON

@@ -1,10 +1,11 @@
 """The whole ComplianceAgent platform, locally: what `make up` points the runbooks at and
 what the test session runs them against.
 
-It starts real PostgreSQL, Redis and the moto AWS server, the Kubernetes API emulator, the
-backend stand-in (whose maintenance mode and availability follow the emulator's `backend`
-Deployment, as the real pods would) and a receiver for notifications; seeds them like a
-small production; and hands out the `RUNBOOK_*` environment that points the runbooks here.
+It starts real PostgreSQL, Redis, Alertmanager and the moto AWS server, the Kubernetes API
+emulator, the backend stand-in (whose maintenance mode and availability follow the
+emulator's `backend` Deployment, as the real pods would) and a receiver for notifications;
+seeds them like a small production (the database by the backend's own migrations); and
+hands out the `RUNBOOK_*` environment that points the runbooks here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import base64
 import datetime as dt
 import json
 import secrets
+import subprocess
+import sys
 from contextlib import ExitStack
 from typing import Any, Self
 
@@ -20,14 +23,22 @@ import boto3
 import psycopg
 from psycopg import sql
 
+from sandbox.backend_app import APP_DIRECTORY, SEED_REVISION
 from sandbox.backend_standin import BackendStandIn, PodSecrets
 from sandbox.kube_emulator import KubeEmulator
 from sandbox.receiver import NotificationReceiver
-from sandbox.services import MotoServer, PostgresServer, RedisServer, Service
+from sandbox.services import (
+    AlertmanagerServer,
+    MotoServer,
+    PostgresServer,
+    RedisServer,
+    Service,
+)
 from sandbox.tls_listener import TLSMaterial
 
 NAMESPACE = "complianceagent"
 IMAGE_VERSION = "1.4.2"
+BACKEND_IMAGE = "complianceagent/backend"
 API_KEY_SECRET_ID = "complianceagent/api-key"
 # The application role the backend's pods log in as; its password lives in Secrets Manager.
 DATABASE_PASSWORD_SECRET_ID = "complianceagent/database-password"
@@ -39,28 +50,13 @@ AWS_REGION = "us-east-1"
 TLS_CERTIFICATE = "complianceagent-tls"
 TLS_SECRET = "tls-secret"
 
-# A small production: what the runbooks find when they start.
+# A small production: what the runbooks find when they start (the tables come from the
+# backend's first migration, sandbox/backend_app; here is their one text column's data).
 SEED_TABLES = {
-    "organizations": ("name text NOT NULL", [("Acme",), ("Globex",), ("Initech",)]),
-    "users": ("email text NOT NULL", [(f"user{n}@example.com",) for n in range(25)]),
-    "compliance_scans": ("status text NOT NULL", [("passed",)] * 40 + [("failed",)] * 7),
+    "organizations": ("name", [("Acme",), ("Globex",), ("Initech",)]),
+    "users": ("email", [(f"user{n}@example.com",) for n in range(25)]),
+    "compliance_scans": ("status", [("passed",)] * 40 + [("failed",)] * 7),
 }
-
-
-# What `alembic upgrade head && alembic current` prints in the backend image: the migration
-# Job (`backend-migrate-…`, flows/migrations.py) ends with these logs in the sandbox.
-MIGRATION_JOB_PREFIX = "backend-migrate-"
-MIGRATION_LOGS = (
-    "INFO  [alembic.runtime.migration] Context impl PostgresqlImpl.\n"
-    "INFO  [alembic.runtime.migration] Will assume transactional DDL.\n"
-    "INFO  [alembic.runtime.migration] Running upgrade 3f2a9c1d7e10 -> 8c41d5e2b6a9, "
-    "add scan severity index\n"
-    "INFO  [alembic.runtime.migration] Running upgrade 8c41d5e2b6a9 -> a7e3f09b12c4, "
-    "add organization retention policy\n"
-    "INFO  [alembic.runtime.migration] Context impl PostgresqlImpl.\n"
-    "INFO  [alembic.runtime.migration] Will assume transactional DDL.\n"
-    "a7e3f09b12c4 (head)\n"
-)
 
 
 def _timestamp(at: dt.datetime) -> str:
@@ -112,14 +108,14 @@ def kubernetes_objects() -> list[dict[str, Any]]:
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
         _deployment(
             "backend",
-            f"complianceagent/backend:{IMAGE_VERSION}",
+            f"{BACKEND_IMAGE}:{IMAGE_VERSION}",
             3,
             {"MAINTENANCE_MODE": "false", "LOG_LEVEL": "info"},
         ),
         _deployment("frontend", f"complianceagent/frontend:{IMAGE_VERSION}", 3, {}),
         _deployment(
             "celery-workers",
-            f"complianceagent/backend:{IMAGE_VERSION}",
+            f"{BACKEND_IMAGE}:{IMAGE_VERSION}",
             4,
             {"CELERY_QUEUES": "default,scans"},
         ),
@@ -195,6 +191,7 @@ class Sandbox(Service):
         self.moto = MotoServer()
         self.kube = KubeEmulator()
         self.receiver = NotificationReceiver()
+        self.alertmanager = AlertmanagerServer()
         self.backend: BackendStandIn | None = None
         self._pods_secretsmanager: Any = None
         self._backend_pod_revision: str | None = None
@@ -203,7 +200,14 @@ class Sandbox(Service):
 
     def start(self) -> Self:
         try:
-            for service in (self.postgres, self.redis, self.moto, self.kube, self.receiver):
+            for service in (
+                self.postgres,
+                self.redis,
+                self.moto,
+                self.kube,
+                self.receiver,
+                self.alertmanager,
+            ):
                 self._stack.enter_context(service)
             self.backend = self._stack.enter_context(
                 BackendStandIn(
@@ -230,17 +234,19 @@ class Sandbox(Service):
     def seed(self) -> None:
         for obj in kubernetes_objects():
             self.kube.seed(obj)
-        self.kube.set_job_behaviour(MIGRATION_JOB_PREFIX, succeed=True, logs=MIGRATION_LOGS)
+        self._seed_app_secrets()
+        # The backend's image runs for real: its migration Jobs run its alembic project.
+        self.kube.run_jobs_of_image(f"{BACKEND_IMAGE}:", APP_DIRECTORY)
+        # The schema at an older revision, by the backend's own migrations: `migrations`
+        # has real work to do.
+        self.migrate_database(SEED_REVISION)
         with psycopg.connect(self.postgres.dsn, autocommit=True) as db:
             for table, (column, rows) in SEED_TABLES.items():
-                db.execute(f"CREATE TABLE IF NOT EXISTS {table} (id serial PRIMARY KEY, {column})")
                 with db.cursor() as cursor:
                     cursor.executemany(
-                        f"INSERT INTO {table} VALUES (DEFAULT, %s)",  # noqa: S608 (fixed names)
+                        f"INSERT INTO {table} ({column}) VALUES (%s)",  # noqa: S608 (fixed names)
                         rows,
                     )
-            db.execute("CREATE TABLE IF NOT EXISTS alembic_version (version_num varchar(32))")
-            db.execute("INSERT INTO alembic_version VALUES ('3f2a9c1d7e10')")
         # moto keeps its state per process: a second sandbox in one process (the benchmark
         # suites run one after another) must not meet the first one's bucket and secret.
         self.moto.reset()
@@ -307,10 +313,58 @@ class Sandbox(Service):
             assert self.backend is not None
             self.backend.restart_pods()
 
+    # --- the backend's schema (its alembic project, sandbox/backend_app) --------------
+
+    def _seed_app_secrets(self) -> None:
+        """The Secrets the backend's pods (and so its migration Jobs) take their env from."""
+        for name, data in (
+            ("database", {"url": self.postgres.dsn}),
+            ("api-key", {"API_KEY": secrets.token_urlsafe(32)}),
+        ):
+            encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+            self.kube.seed(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {"name": name, "namespace": NAMESPACE},
+                    "type": "Opaque",
+                    "data": encoded,
+                }
+            )
+
+    def migrate_database(self, revision: str) -> str:
+        """`alembic upgrade|downgrade REVISION` of the backend's project; returns its output."""
+        current = self.schema_revision()
+        if current == revision:
+            return ""
+        verb = "upgrade" if current is None or revision == "head" else "downgrade"
+        done = subprocess.run(
+            [sys.executable, "-m", "alembic", verb, revision],
+            cwd=APP_DIRECTORY,
+            env={"DATABASE_URL": self.postgres.dsn, "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"alembic {verb} {revision} failed:\n{done.stderr[-2000:]}")
+        return done.stderr
+
+    def schema_revision(self) -> str | None:
+        """What `alembic_version` holds (None before the first migration)."""
+        with psycopg.connect(self.postgres.dsn, autocommit=True) as db:
+            if db.execute("SELECT to_regclass('public.alembic_version')").fetchone() == (None,):
+                return None
+            row = db.execute("SELECT version_num FROM alembic_version").fetchone()
+        return row[0] if row else None
+
     def reset(self) -> None:
         """Forget what the previous test did to the fault knobs and recorders."""
         if not self.redis.is_running:
             self.redis.start()
+        if self.schema_revision() != SEED_REVISION:  # a test ran the migrations
+            self.migrate_database(SEED_REVISION)
         assert self.backend is not None
         self.backend.reset()
         self.receiver.clear()
@@ -385,6 +439,7 @@ class Sandbox(Service):
             "RUNBOOK_STATUSPAGE_URL": f"{receiver}/statuspage/incidents",
             # Where each Certificate is served; its first dnsName is what TLS verifies.
             "RUNBOOK_TLS_ENDPOINTS": json.dumps({TLS_CERTIFICATE: self.tls_address}),
+            "RUNBOOK_ALERTMANAGER_URL": self.alertmanager.url,
             "AWS_ACCESS_KEY_ID": "sandbox",
             "AWS_SECRET_ACCESS_KEY": "sandbox",
             "AWS_DEFAULT_REGION": AWS_REGION,

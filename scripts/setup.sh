@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything the project needs on a fresh Debian 12 machine, idempotently:
-# Debian packages (redis-server, PostgreSQL server binaries), a venv, and the locked
+# Debian packages (redis-server, PostgreSQL server binaries, Alertmanager), a venv, and the locked
 # Python packages. Re-running it costs about a second when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +9,9 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 command -v zstd >/dev/null 2>&1 || missing+=(zstd)  # bench.data: the raw and peer pipelines
+# The sandbox's Alertmanager (maintenance windows silence alerts there); Debian names the
+# binary prometheus-alertmanager; the sandbox starts its own on loopback.
+[ -x /usr/bin/prometheus-alertmanager ] || missing+=(prometheus-alertmanager)
 if ((${#missing[@]})); then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -11,7 +11,13 @@ from prefect.cache_policies import NONE
 from pydantic import SecretStr
 
 from runbook.decisions.health import EndpointCheck, judge_response
-from tasks.retry_policy import TRANSIENT_HTTP_STATUSES, TRANSIENT_RETRIES, PlatformCallError
+from runbook.decisions.maintenance import IN_FLIGHT_METRIC, in_flight_requests
+from tasks.retry_policy import (
+    TRANSIENT_HTTP_STATUSES,
+    TRANSIENT_RETRIES,
+    DeadlineExceeded,
+    PlatformCallError,
+)
 
 
 @task(**TRANSIENT_RETRIES, task_run_name="check {endpoint}")
@@ -79,3 +85,40 @@ def status_with_api_key(
             transient=True,
         )
     return response.status_code
+
+
+@task(**TRANSIENT_RETRIES, task_run_name="wait until {base_url} is drained")
+def wait_until_drained(
+    base_url: str, timeout_seconds: float, poll_seconds: float = 0.25
+) -> dict[str, float]:
+    """Scrape `/metrics` until `http_requests_in_flight` is 0, at most `timeout_seconds`.
+
+    Returns `{"seconds", "scrapes", "in_flight_at_start"}`. Raises `DeadlineExceeded`
+    naming the requests still in flight, or `PlatformCallError` when the page has no
+    in-flight gauge (a drain cannot be measured there).
+    """
+    url = base_url.rstrip("/") + "/metrics"
+    started = time.perf_counter()
+    scrapes, first = 0, None
+    with httpx.Client(timeout=httpx.Timeout(min(timeout_seconds, 10.0))) as http:
+        while True:
+            try:
+                response = http.get(url)
+                response.raise_for_status()
+            except httpx.HTTPError as exc:
+                raise PlatformCallError(
+                    f"GET {url}: {exc}", transient=isinstance(exc, httpx.TransportError)
+                ) from None
+            scrapes += 1
+            in_flight = in_flight_requests(response.text)
+            if in_flight is None:
+                raise PlatformCallError(f"{url} has no {IN_FLIGHT_METRIC} gauge")
+            first = in_flight if first is None else first
+            elapsed = time.perf_counter() - started
+            if in_flight == 0:
+                return {"seconds": elapsed, "scrapes": scrapes, "in_flight_at_start": first}
+            if elapsed >= timeout_seconds:
+                raise DeadlineExceeded(
+                    f"{in_flight} request(s) still in flight at {url} after {timeout_seconds:g}s"
+                )
+            time.sleep(poll_seconds)

@@ -573,3 +573,20 @@ def patch_custom_object(
         patch,
     )
     return result
+
+
+@task(**TRANSIENT_RETRIES)
+def annotate_deployment(
+    name: str, annotations: dict[str, str | None], namespace: str | None = None
+) -> JSON:
+    """`kubectl annotate deployment NAME K=V K-` (None removes a key; removing an absent
+    one is a no-op). Metadata only: the pods are not rolled."""
+    ns = _namespace(namespace)
+    obj: JSON = _call(
+        f"annotate deployment/{name} ({', '.join(sorted(annotations))}) in {ns}",
+        _apps().patch_namespaced_deployment,
+        name,
+        ns,
+        {"metadata": {"annotations": annotations}},
+    )
+    return obj

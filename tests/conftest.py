@@ -81,8 +81,7 @@ def served_api(sandbox: Sandbox, prefect_server: None) -> Iterator[str]:
 def kube(platform: Sandbox) -> Iterator[Any]:
     """The Kubernetes emulator with quick rollouts and Jobs. Whatever the test did, even if
     it failed: the seeded Deployments are put back as they were, Jobs it left are deleted,
-    and the delays and migration Job behaviour are the sandbox's again."""
-    from sandbox.platform import MIGRATION_JOB_PREFIX, MIGRATION_LOGS
+    and the delays are the sandbox's again."""
     from tests.release_helpers import deployments_restored, jobs_removed
 
     delays = platform.kube.rollout_delay, platform.kube.job_delay
@@ -92,4 +91,3 @@ def kube(platform: Sandbox) -> Iterator[Any]:
             yield platform.kube
     finally:
         platform.kube.rollout_delay, platform.kube.job_delay = delays
-        platform.kube.set_job_behaviour(MIGRATION_JOB_PREFIX, succeed=True, logs=MIGRATION_LOGS)

@@ -1,19 +1,29 @@
-"""The migrations runbook against the Kubernetes emulator (its Jobs run and log as told)."""
+"""The migrations runbook against the Kubernetes emulator, whose Job really runs the
+backend's alembic project (sandbox/backend_app) against the sandbox's PostgreSQL."""
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.flow_runs import resume_flow_run
 
 from flows.migrations import migrations
-from sandbox.platform import MIGRATION_JOB_PREFIX
+from sandbox.backend_app import HEAD_REVISION, SEED_REVISION
 from tasks import kubernetes as k8s
 from tasks.locks import lock_name
 from tests.helpers import read_artifacts, start_in_thread, wait_for_paused_run
 from tests.release_helpers import NS, live, wait_settled, wait_until
 
 APPROVE = {"approve": True, "approver": "grace", "reason": "CHG-11"}
+
+
+def columns_of(platform, table):
+    with psycopg.connect(platform.postgres.dsn) as db:
+        rows = db.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = %s", (table,)
+        ).fetchall()
+    return {name for (name,) in rows}
 
 
 def job_writes(kube):
@@ -41,7 +51,10 @@ def test_migrations_run_as_a_job_from_the_backend_image_and_report_alembic_curre
     state = run.join()
 
     assert state.is_completed(), state.message
-    assert state.result()["alembic_current"] == "a7e3f09b12c4 (head)"
+    assert state.result()["alembic_current"] == f"{HEAD_REVISION} (head)"
+    assert platform.schema_revision() == HEAD_REVISION  # the real schema changed
+    assert "severity" in columns_of(platform, "compliance_scans")
+    assert "retention_days" in columns_of(platform, "organizations")
     job_name = kube.writes[0].name
     assert job_name.startswith("backend-migrate-")
     assert job_writes(kube) == [("POST", "Job", job_name), ("DELETE", "Job", job_name)]
@@ -53,9 +66,9 @@ def test_migrations_run_as_a_job_from_the_backend_image_and_report_alembic_curre
     assert container["command"][-1] == "alembic upgrade head && alembic current"
     assert kube.get("batch/v1", "Job", NS, job_name) is None  # cleaned up
     report = read_artifacts(state.state_details.flow_run_id)["migrations-report"].data
-    assert "a7e3f09b12c4 (head)" in report
-    assert "- 3f2a9c1d7e10 -> 8c41d5e2b6a9, add scan severity index" in report
-    assert "Running upgrade 8c41d5e2b6a9 -> a7e3f09b12c4" in report  # the logs themselves
+    assert f"{HEAD_REVISION} (head)" in report
+    assert f"- {SEED_REVISION} -> 8c41d5e2b6a9, add scan severity index" in report
+    assert f"Running upgrade 8c41d5e2b6a9 -> {HEAD_REVISION}" in report  # alembic's own log
 
 
 def test_outside_a_maintenance_window_it_is_refused_before_anything(platform, kube):
@@ -82,18 +95,19 @@ def test_inside_a_maintenance_window_it_runs(platform, kube):
 
 
 def test_failed_job_fails_the_run_with_its_logs_and_is_cleaned_up(platform, kube):
-    kube.set_job_behaviour(
-        MIGRATION_JOB_PREFIX,
-        succeed=False,
-        logs="INFO  [alembic.runtime.migration] Running upgrade 3f2a9c1d7e10 -> 8c41d5e2b6a9\n"
-        'sqlalchemy.exc.ProgrammingError: relation "scan_severity_idx" already exists\n',
-    )
-
-    _, state = run_approved(require_maintenance_mode=False)
+    # Schema drift: someone added the column by hand, so the migration's ADD COLUMN fails.
+    with psycopg.connect(platform.postgres.dsn, autocommit=True) as db:
+        db.execute("ALTER TABLE compliance_scans ADD COLUMN severity text")
+    try:
+        _, state = run_approved(require_maintenance_mode=False)
+        assert platform.schema_revision() == SEED_REVISION  # transactional DDL: nothing applied
+    finally:
+        with psycopg.connect(platform.postgres.dsn, autocommit=True) as db:
+            db.execute("ALTER TABLE compliance_scans DROP COLUMN IF EXISTS severity")
 
     assert state.is_failed()
     assert "failed: Job has reached the specified backoff limit" in state.message
-    assert 'relation "scan_severity_idx" already exists' in state.message
+    assert 'column "severity" of relation "compliance_scans" already exists' in state.message
     [(post, _, name), (delete, _, deleted)] = job_writes(kube)
     assert (post, delete, deleted) == ("POST", "DELETE", name)
     assert kube.get("batch/v1", "Job", NS, name) is None

@@ -339,7 +339,8 @@ def outcome_report(outcome: RestoreOutcome) -> OutcomeReport:
     """The true state of the database and the writers, in words, whatever path the run took."""
     plan = outcome.plan
     source = f" from backup {plan.manifest.backup_id}" if plan else ""
-    ok = not outcome.error and outcome.health == ""
+    # No error and swapped: done; health is "" (passed) or None (left to the caller).
+    ok = not outcome.error and outcome.swapped and not outcome.health
     if ok and plan is not None:
         manifest = plan.manifest
         headline = (
@@ -347,6 +348,8 @@ def outcome_report(outcome: RestoreOutcome) -> OutcomeReport:
             f"({human_size(manifest.size_bytes)}, taken {manifest.finished_at:%Y-%m-%d %H:%M} "
             f"UTC); the previous database is kept as {plan.keep_as}. {_replica_state(outcome)}"
         )
+        if outcome.health is None:
+            headline += " Health not checked here (the caller checks it)."
     elif not outcome.changed_anything:
         headline = f"Restore of {outcome.database}{source} refused: {outcome.error}"
     elif outcome.swapped and outcome.health:

@@ -6,6 +6,7 @@ import builtins
 import re
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from sandbox.services import Service
 
@@ -151,6 +152,13 @@ class KubeEmulator(Service):
         """How Jobs whose name starts with `name_prefix` end (the longest prefix wins)."""
         with self._cluster.lock:
             self._controllers.jobs.behaviours[name_prefix] = (succeed, logs)
+
+    def run_jobs_of_image(self, image_prefix: str, workdir: Path) -> None:
+        """Jobs whose image starts with `image_prefix` really run their command, in
+        `workdir` (standing for the image's working directory), with the Job's env; the
+        exit code decides how the Job ends and the output is the Pod's log."""
+        with self._cluster.lock:
+            self._controllers.jobs.runnable[image_prefix] = workdir
 
     def inject_fault(
         self,

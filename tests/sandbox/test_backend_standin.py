@@ -217,3 +217,31 @@ def test_stop_and_start_again_on_the_same_port(postgres, redis_server):
         assert standin.url == url
         assert client.get(f"{url}/health").status_code == 200
     standin.stop()  # idempotent
+
+
+def test_in_flight_gauge_counts_requests_held_open_but_not_the_scrape(http, standin):
+    import threading
+
+    standin.delay_seconds["/api/v1/scans"] = 1.0
+    held = [
+        threading.Thread(target=lambda: httpx.get(f"{standin.url}/api/v1/scans", timeout=10))
+        for _ in range(3)
+    ]
+    for thread in held:
+        thread.start()
+    give_up = time.monotonic() + 5
+    while standin.in_flight < 3 and time.monotonic() < give_up:
+        time.sleep(0.01)
+
+    samples = _metrics(http.get("/metrics").text)
+    assert samples["http_requests_in_flight"] == 3  # the three held, not this scrape
+    for thread in held:
+        thread.join()
+    assert _metrics(http.get("/metrics").text)["http_requests_in_flight"] == 0
+
+
+def test_metrics_are_served_in_maintenance_mode(http, platform_state, standin):
+    platform_state["maintenance"] = True
+    response = http.get("/metrics")
+    assert response.status_code == 200
+    assert _metrics(response.text)["http_requests_in_flight"] == 0

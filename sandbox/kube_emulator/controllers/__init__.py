@@ -64,6 +64,8 @@ class Controllers:
                 self.certificates.secret_deleted(old or {})
             elif rt is CERTIFICATES and old is not None:
                 self.certificates.forget(old)
+            elif rt is JOBS and old is not None:
+                self.jobs.deleted(old)
             return
         if old is not None and old.get("spec") == new.get("spec"):
             if rt is CERTIFICATES:
