@@ -39,13 +39,13 @@ from runbook.decisions.migrations import (
     MigrationJob,
     alembic_current,
     applied_migrations,
-    logs_tail,
     maintenance_mode_of,
     migration_job,
     migration_job_body,
     migration_job_name,
 )
 from runbook.decisions.refusal import Refused
+from runbook.redaction import redact_output
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import load_settings
 from tasks.approval import Plan, request_approval
@@ -56,6 +56,10 @@ from tasks.retry_policy import DeadlineExceeded
 
 # Beyond the Job's own activeDeadlineSeconds, before we stop waiting for it.
 WAIT_GRACE_SECONDS = 60
+# A migration's log can quote rows (a failed data migration's constraint error): published
+# redacted and capped, like every program output (runbook/redaction.py).
+ARTIFACT_LOG_LINES = 200
+ARTIFACT_LOG_CHARS = 20_000
 
 
 class MigrationFailed(RuntimeError):
@@ -145,7 +149,9 @@ def migrations(
     _publish(summary, job.name, job.image, current, applied, logs, timer)
     if not outcome.succeeded:
         announce(f":rotating_light: {summary}")
-        raise MigrationFailed(f"{summary}\n--- end of the Job's logs:\n{logs_tail(logs)}")
+        raise MigrationFailed(
+            f"{summary}\n--- end of the Job's logs:\n{redact_output(logs, max_lines=15)}"
+        )
     logger.info(summary)
     return {"job": job.name, "image": job.image, "alembic_current": current}
 
@@ -181,6 +187,7 @@ def _publish(
     timer: StepTimer,
 ) -> None:
     rows = [{"job": job_name, "image": image, "alembic current": current or "-"}]
+    published_logs = redact_output(logs, ARTIFACT_LOG_LINES, ARTIFACT_LOG_CHARS) or "(empty)"
     create_markdown_artifact(
         markdown="\n\n".join(
             [
@@ -190,7 +197,7 @@ def _publish(
                 "### Applied",
                 "\n".join(f"- {step}" for step in applied) or "_nothing new_",
                 "### Job logs",
-                f"```\n{logs.strip() or '(empty)'}\n```",
+                f"```\n{published_logs}\n```",
                 "### Steps",
                 timer.markdown(),
             ]

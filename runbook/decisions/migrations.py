@@ -178,8 +178,3 @@ def alembic_current(logs: str) -> str | None:
 def applied_migrations(logs: str) -> list[str]:
     """The `Running upgrade A -> B, message` steps alembic logged, in order."""
     return [m.group(1).strip() for m in map(_UPGRADE_LINE.search, logs.splitlines()) if m]
-
-
-def logs_tail(logs: str, lines: int = 15) -> str:
-    """The end of the logs, where a failed migration says why."""
-    return "\n".join(logs.rstrip().splitlines()[-lines:])
