@@ -132,7 +132,7 @@ def read_incident_events(
     )
     events: list[Event] = []
     with get_client(sync_client=True) as prefect_api:
-        page = prefect_api.read_events(filter=query, limit=200)
+        page = prefect_api.read_events(filter=query, limit=50)  # the server's maximum
         events += page.events
         while page.next_page and len(events) < 2000:
             page = prefect_api.read_events_page(str(page.next_page))
@@ -220,7 +220,10 @@ class IncidentWatch:
                 run_logger().warning("incident watch: %s", exc)
 
     def tick(self) -> None:
-        self._read_signals()
+        try:
+            self._read_signals()
+        except Exception as exc:  # pages still go out when Prefect's event API hiccups
+            run_logger().warning("incident watch could not read events: %s", exc)
         elapsed = time.time() - self.declared_at
         if self.acknowledged is None and self.resolution is None:
             for contact in due_contacts(self.priority, self.contacts, elapsed, self.paged):
