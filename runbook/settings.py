@@ -16,6 +16,8 @@ from urllib.parse import unquote, urlsplit
 from pydantic import AnyHttpUrl, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from runbook.decisions.incidents import DEFAULT_CONTACTS, Contact
+
 ENV_PREFIX = "RUNBOOK_"
 
 # A Kubernetes object name (RFC 1123 label): what `kubectl` would accept.
@@ -173,6 +175,39 @@ class PlatformSettings(BaseSettings):
     )
     approval_poll_seconds: int = Field(
         1, ge=1, le=30, description="How often a paused run checks for a decision."
+    )
+
+    # --- Incident response ------------------------------------------------------------
+    escalation_contacts: tuple[Contact, ...] = Field(
+        DEFAULT_CONTACTS,
+        min_length=1,
+        max_length=20,
+        description='The escalation path as JSON [{"role", "name", "after_minutes", '
+        '"routing_key"?, "priorities"?}]: each contact is paged (PagerDuty + chat) '
+        "after_minutes after an incident is declared unless someone acknowledged it. "
+        "Default: the runbook page's on-call (at once), team lead (15), engineering "
+        "manager (30), VP Engineering (60, P1 only), all on the default routing key.",
+    )
+    incident_poll_seconds: float = Field(
+        5.0,
+        ge=0.2,
+        le=60,
+        description="How often an open incident checks for acknowledgements, the alert's "
+        "resolution and escalations that are due.",
+    )
+    incident_wait_seconds: int = Field(
+        7 * 24 * 3600,
+        ge=10,
+        le=30 * 24 * 3600,
+        description="How long an incident waits for an acknowledgement, and then for its "
+        "resolution, before its run gives up (the PagerDuty incident stays open).",
+    )
+    incident_quiet_seconds: int = Field(
+        600,
+        ge=0,
+        le=24 * 3600,
+        description="A firing for an alert group whose incident resolved less than this "
+        "ago is a late copy of the old notification and opens nothing.",
     )
 
     def deployment_name(self, component: str) -> str:

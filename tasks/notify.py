@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import httpx
 from prefect import task
+from pydantic import SecretStr
 
 from runbook.settings import load_settings
 from tasks.logs import run_logger
@@ -72,14 +73,20 @@ def page_on_call(
     source: str = "complianceagent-runbooks",
     action: Literal["trigger", "acknowledge", "resolve"] = "trigger",
     details: dict[str, Any] | None = None,
+    routing_key: SecretStr | None = None,
 ) -> str | None:
-    """Send a PagerDuty Events v2 event; returns the dedup key PagerDuty answered with."""
+    """Send a PagerDuty Events v2 event; returns the dedup key PagerDuty answered with.
+
+    `routing_key`: another service's integration key (an escalation contact's); default
+    RUNBOOK_PAGERDUTY_ROUTING_KEY.
+    """
     settings = load_settings()
-    if settings.pagerduty_routing_key is None:
+    routing_key = routing_key or settings.pagerduty_routing_key
+    if routing_key is None:
         run_logger().warning("no PagerDuty routing key configured; not paged: %s", summary)
         return None
     event: dict[str, Any] = {
-        "routing_key": settings.pagerduty_routing_key.get_secret_value(),
+        "routing_key": routing_key.get_secret_value(),
         "event_action": action,
         "dedup_key": dedup_key,
     }

@@ -1,0 +1,245 @@
+"""incident-response against the sandbox: the notification receiver records PagerDuty, chat
+and the status page; a real Prefect server holds the pauses, variables and events."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+import uuid
+from typing import Any
+
+import pytest
+from prefect.flow_runs import resume_flow_run
+from prefect.settings import PREFECT_API_URL
+
+from flows.incident_response import incident_response
+from runbook.decisions.incidents import incident_id
+from sandbox.platform import PAGERDUTY_ROUTING_KEY, Sandbox
+from tests.helpers import prefect_rest, read_artifacts, read_flow_run, start_in_thread
+
+LEAD_KEY = "team-lead-routing-key"
+
+
+def contacts(*steps: tuple[str, float, str | None]) -> str:
+    return json.dumps(
+        [
+            {"role": role, "name": role.lower(), "after_minutes": minutes}
+            | ({"routing_key": key} if key else {})
+            for role, minutes, key in steps
+        ]
+    )
+
+
+@pytest.fixture
+def incidents(platform: Sandbox, monkeypatch: pytest.MonkeyPatch) -> Sandbox:
+    monkeypatch.setenv("RUNBOOK_INCIDENT_POLL_SECONDS", "0.3")
+    return platform
+
+
+def pagerduty(platform: Sandbox) -> list[dict[str, Any]]:
+    return [n.json for n in platform.receiver.received if n.path.startswith("/v2/enqueue")]
+
+
+def status_page(platform: Sandbox) -> list[str]:
+    return [
+        n.json["incident"]["status"]
+        for n in platform.receiver.received
+        if n.path.startswith("/statuspage")
+    ]
+
+
+def wait_for_pause(flow_name: str, key: str, since: float, timeout: float = 60) -> Any:
+    """The run of `flow_name` paused at `key`, started after `since`."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter
+
+    give_up = time.monotonic() + timeout
+    with get_client(sync_client=True) as prefect_api:
+        while time.monotonic() < give_up:
+            runs = prefect_api.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                flow_run_filter=FlowRunFilter(),
+                limit=50,
+            )
+            for run in runs:
+                state = run.state
+                if (
+                    state is not None
+                    and state.is_paused()
+                    and state.state_details.pause_key == key
+                    and run.created is not None
+                    and run.created.timestamp() >= since - 1
+                ):
+                    return run
+            time.sleep(0.2)
+    raise AssertionError(f"no run of {flow_name} paused at {key!r} within {timeout}s")
+
+
+def post_event(name: str, resource: str, payload: dict[str, Any]) -> None:
+    """What an operator's script (or the alert bridge) does: POST /api/events."""
+    event = {
+        "id": str(uuid.uuid4()),
+        "occurred": dt.datetime.now(dt.UTC).isoformat(),
+        "event": name,
+        "resource": {"prefect.resource.id": resource},
+        "payload": payload,
+    }
+    with prefect_rest(str(PREFECT_API_URL.value())) as api:
+        assert api.post("/events", json=[event]).status_code == 204
+
+
+def test_p1_manual_incident_pages_escalates_stops_on_ack_and_resolves_with_post_mortem(
+    incidents: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Team lead after 2 s, engineering manager after 12 s, VP after 15 s (P1 only).
+    monkeypatch.setenv(
+        "RUNBOOK_ESCALATION_CONTACTS",
+        contacts(
+            ("On-call engineer", 0, None),
+            ("Team lead", 2 / 60, LEAD_KEY),
+            ("Engineering manager", 12 / 60, None),
+            ("VP Engineering", 15 / 60, None),
+        ),
+    )
+    group = f"manual/test-{uuid.uuid4()}"
+    incident = incident_id(group)
+    started = time.time()
+    run = start_in_thread(
+        incident_response,
+        summary="API completely unavailable",
+        priority="P1",
+        reported_by="alice",
+        group_key=group,
+    )
+
+    # Paged at once with the incident as dedup_key, critical; status page incident opened.
+    receiver = incidents.receiver
+    trigger = receiver.wait_for(lambda n: (n.json or {}).get("dedup_key") == incident, 30).json
+    assert trigger["event_action"] == "trigger"
+    assert trigger["routing_key"] == PAGERDUTY_ROUTING_KEY
+    assert trigger["payload"]["severity"] == "critical"
+    receiver.wait_for(lambda n: n.path.startswith("/statuspage"), 10)
+    assert status_page(incidents) == ["investigating"]
+
+    # Nobody acknowledges: the team lead is paged on their own routing key after ~2 s.
+    paused = wait_for_pause("incident-response", "acknowledge", started)
+    lead = receiver.wait_for(lambda n: (n.json or {}).get("routing_key") == LEAD_KEY, 15).json
+    assert lead["dedup_key"] == f"{incident}/team-lead"
+    assert "ESCALATED to Team lead" in lead["payload"]["summary"]
+    receiver.wait_for(lambda n: b"Team lead (team lead) paged" in n.body, 5)
+
+    # Acknowledged from the API (what the UI form sends): no further escalation.
+    resume_flow_run(paused.id, run_input={"acknowledged_by": "bob", "note": "looking"})
+    wait_for_pause("incident-response", "resolve", started)
+    time.sleep(max(0.0, started + 17 - time.time()))  # past the manager's and the VP's time
+    roles = [
+        e["payload"]["custom_details"].get("contact")
+        for e in pagerduty(incidents)
+        if e["event_action"] == "trigger"
+    ]
+    assert roles == ["On-call engineer", "Team lead"]
+    acks = [e["dedup_key"] for e in pagerduty(incidents) if e["event_action"] == "acknowledge"]
+    assert sorted(acks) == sorted([incident, f"{incident}/team-lead"])
+
+    # Resolved by an operator, verified by the health check: PagerDuty resolve, status page.
+    resume_flow_run(paused.id, run_input={"resolved_by": "carol", "note": "restarted pods"})
+    state = run.join(60)
+    assert state.is_completed(), state.message
+    resolves = {
+        (e["routing_key"], e["dedup_key"])
+        for e in pagerduty(incidents)
+        if e["event_action"] == "resolve"
+    }
+    assert resolves == {(PAGERDUTY_ROUTING_KEY, incident), (LEAD_KEY, f"{incident}/team-lead")}
+    assert status_page(incidents) == ["investigating", "resolved"]
+
+    # The post-mortem's timeline comes from the recorded events, in order.
+    result = state.result()
+    assert result["timeline"][:1] == ["incident.declared"]
+    for step in ("paged", "escalated", "acknowledged", "resolved", "closed"):
+        assert f"incident.{step}" in result["timeline"]
+    assert result["timeline"].index("incident.escalated") < result["timeline"].index(
+        "incident.acknowledged"
+    )
+    assert result["response_target_breached"] is False
+    assert 2 <= result["time_to_acknowledge"] < 15
+    post_mortem = str(read_artifacts(paused.id)["post-mortem"].data)
+    assert "Acknowledged by bob" in post_mortem
+    assert "Resolved by carol" in post_mortem
+    assert "## Root cause" in post_mortem and "## Follow-ups" in post_mortem
+    assert "no diagnosis for this alert" in str(read_artifacts(paused.id)["incident-evidence"].data)
+
+
+def test_a_repeated_alert_joins_the_open_incident_and_its_resolved_event_closes_it(
+    incidents: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNBOOK_ESCALATION_CONTACTS", contacts(("On-call engineer", 0, None)))
+    group = f'{{}}:{{alertname="HighErrorRate", test="{uuid.uuid4()}"}}'
+    incident = incident_id(group)
+    alert = {
+        "alertname": "HighErrorRate",
+        "severity": "critical",
+        "labels": {},
+        "summary": "High error rate detected",
+        "fingerprint": "ab12",
+        "group_key": group,
+    }
+    started = time.time()
+    first = start_in_thread(incident_response, **alert)
+    paused = wait_for_pause("incident-response", "acknowledge", started)
+
+    # The same group again (Alertmanager's repeat): no second incident, no second page.
+    repeat = incident_response(**alert)
+    assert repeat == {"incident": incident, "opened": False, "verdict": "join"}
+    triggers = [e for e in pagerduty(incidents) if e["event_action"] == "trigger"]
+    assert [e["dedup_key"] for e in triggers] == [incident]
+    assert triggers[0]["payload"]["severity"] == "error"  # critical, not service down: P2
+
+    # Acknowledged by an event, resolved by the alert's resolved event.
+    post_event(
+        "complianceagent.incident.acknowledged",
+        f"complianceagent.incident.{incident}",
+        {"by": "dave"},
+    )
+    wait_for_pause("incident-response", "resolve", started)
+    post_event("complianceagent.alert.resolved", f"complianceagent.alert.{group}", {})
+    state = first.join(60)
+    assert state.is_completed(), state.message
+    assert [e["dedup_key"] for e in pagerduty(incidents) if e["event_action"] == "resolve"] == [
+        incident
+    ]
+    post_mortem = str(read_artifacts(paused.id)["post-mortem"].data)
+    assert "Acknowledged by dave via event" in post_mortem
+    assert "Resolved by alertmanager" in post_mortem
+    assert "incident.repeated" in post_mortem
+    evidence = str(read_artifacts(paused.id)["incident-evidence"].data)
+    assert "`diagnose-latency` is not deployed here" in evidence
+
+    # A late copy of the firing notification after the resolution opens nothing either.
+    assert incident_response(**alert)["verdict"] == "late"
+    assert len([e for e in pagerduty(incidents) if e["event_action"] == "trigger"]) == 1
+    assert read_flow_run(paused.id).state.is_completed()
+
+
+@pytest.mark.parametrize(
+    ("parameters", "field"),
+    [
+        ({"summary": "API down"}, "priority"),
+        ({"priority": "P2"}, "summary"),
+        ({"alertname": "HighLatency", "severity": "warning"}, "group_key"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_is_sent(incidents, parameters, field):
+    state = incident_response(**parameters, return_state=True)
+    assert state.is_failed()
+    assert str(state.message).find(field) >= 0, state.message
+    assert incidents.receiver.received == []
+
+
+def test_a_priority_outside_p1_p4_is_refused_by_validation(incidents):
+    from prefect.exceptions import ParameterTypeError
+
+    with pytest.raises(ParameterTypeError):
+        incident_response(summary="x", priority="P7")
+    assert incidents.receiver.received == []
