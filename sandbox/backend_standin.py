@@ -156,6 +156,8 @@ class BackendStandIn(ThreadedHTTPService):
         self._failures: dict[str, deque[int]] = {}
         self._knob_lock = threading.Lock()
         self._metrics = _RequestMetrics()
+        # More metrics for /metrics (e.g. sandbox/platform_metrics.py), rendered per scrape.
+        self.exporters: list[Callable[[], str]] = []
 
     def start(self) -> Self:
         super().start()
@@ -186,7 +188,7 @@ class BackendStandIn(ThreadedHTTPService):
 
     def metrics_text(self) -> str:
         """What ``GET /metrics`` would answer now."""
-        return self._metrics.render()
+        return self._metrics.render() + "".join(export() for export in self.exporters)
 
     # -- serving ---------------------------------------------------------------------
 
@@ -234,7 +236,7 @@ class BackendStandIn(ThreadedHTTPService):
         if path == "/metrics":
             if method != "GET":
                 return 405, {"detail": "Method Not Allowed"}, _JSON
-            return 200, self._metrics.render(), _PROMETHEUS_TEXT
+            return 200, self.metrics_text(), _PROMETHEUS_TEXT
         route = routes.get(path)
         if route is None:
             return 404, {"detail": "Not Found"}, _JSON

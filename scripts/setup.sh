@@ -9,6 +9,9 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 command -v zstd >/dev/null 2>&1 || missing+=(zstd)  # bench.data: the raw and peer pipelines
+# The sandbox's Prometheus (scrapes the backend stand-in, evaluates monitoring/rules) and
+# promtool (the rules' unit tests in `make test`).
+{ [ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ]; } || missing+=(prometheus)
 if ((${#missing[@]})); then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
