@@ -10,9 +10,11 @@ them on explicitly.
 - `base`: the `Service` lifecycle, free ports, and `ServerProcess` (start on a free port,
   retry on a taken one, wait until it answers) that PostgreSQL and Redis share;
 - `postgres_server`, `redis_server`, `moto_server`: one module per server;
+- `alertmanager`: a real Prometheus Alertmanager (maintenance windows silence it);
 - `http_service`: `ThreadedHTTPService`, the base of the in-process HTTP stand-ins.
 """
 
+from .alertmanager import AlertmanagerServer, find_alertmanager
 from .base import LOOPBACK, SandboxDependencyError, ServerProcess, Service, free_port, pid_alive
 from .http_service import ThreadedHTTPService
 from .moto_server import MotoServer
@@ -21,6 +23,7 @@ from .redis_server import RedisServer, ensure_redis_server_installed
 
 __all__ = [
     "LOOPBACK",
+    "AlertmanagerServer",
     "MotoServer",
     "PostgresServer",
     "RedisServer",
@@ -29,6 +32,7 @@ __all__ = [
     "Service",
     "ThreadedHTTPService",
     "ensure_redis_server_installed",
+    "find_alertmanager",
     "find_postgres_bindir",
     "free_port",
     "pid_alive",

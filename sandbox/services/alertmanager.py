@@ -1,0 +1,158 @@
+"""A real Prometheus Alertmanager (Debian's `prometheus-alertmanager`) on a free loopback
+port, clustering off, state in a temporary directory.
+
+The platform's alerts are routed through it; runbooks silence them for a planned
+maintenance window (`POST /api/v2/silences`, `DELETE /api/v2/silence/{id}`). With a
+`webhook_url` it delivers each alert group there (the alert bridge), grouped by alertname,
+after `group_wait` (short in the sandbox, so an alert reaches Prefect in seconds).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Self
+
+import httpx
+import yaml
+
+from .base import LOOPBACK, SandboxDependencyError, ServerProcess
+
+ALERTMANAGER_BINARIES = ("/usr/bin/prometheus-alertmanager", "/usr/local/bin/alertmanager")
+
+# Alerts go nowhere in the sandbox: a receiver with no integrations.
+_CONFIG = """\
+route:
+  receiver: sandbox
+receivers:
+  - name: sandbox
+"""
+
+
+def alertmanager_config(
+    webhook_url: str | None, *, group_wait: str, group_interval: str, repeat_interval: str
+) -> str:
+    """Route every alert, grouped by alertname, to the webhook (or nowhere without one)."""
+    if webhook_url is None:
+        return _CONFIG
+    config: dict[str, Any] = {
+        "route": {
+            "receiver": "alert-bridge",
+            "group_by": ["alertname"],
+            "group_wait": group_wait,
+            "group_interval": group_interval,
+            "repeat_interval": repeat_interval,
+        },
+        "receivers": [
+            {
+                "name": "alert-bridge",
+                "webhook_configs": [{"url": webhook_url, "send_resolved": True}],
+            }
+        ],
+    }
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def find_alertmanager() -> str:
+    """The Alertmanager binary, or how to install it."""
+    found = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+    found = found or next((p for p in ALERTMANAGER_BINARIES if Path(p).is_file()), None)
+    if found is None:
+        raise SandboxDependencyError(
+            "Alertmanager is not installed, and the sandbox runs a real one. Run the "
+            "project's setup script (it installs Debian's `prometheus-alertmanager`)."
+        )
+    return found
+
+
+class AlertmanagerServer(ServerProcess):
+    """`with AlertmanagerServer() as am:` then `am.url` is its API base (`/api/v2/...`)."""
+
+    def __init__(
+        self,
+        *,
+        webhook_url: str | None = None,
+        group_wait: str = "1s",
+        group_interval: str = "5s",
+        repeat_interval: str = "4h",
+        port: int | None = None,
+        startup_timeout: float = 15.0,
+    ) -> None:
+        super().__init__(port=port, startup_timeout=startup_timeout)
+        self.webhook_url = webhook_url
+        self.route_timing = {
+            "group_wait": group_wait,
+            "group_interval": group_interval,
+            "repeat_interval": repeat_interval,
+        }
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> Self:
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                return self
+            binary = find_alertmanager()
+            self._arm_atexit()
+            try:
+                self._tmp = Path(tempfile.mkdtemp(prefix="ca-alertmanager-"))
+                config = self._tmp / "alertmanager.yml"
+                config.write_text(alertmanager_config(self.webhook_url, **self.route_timing))
+                tmp = self._tmp
+                self._launch(
+                    "prometheus-alertmanager",
+                    lambda port: [
+                        binary,
+                        f"--config.file={config}",
+                        f"--storage.path={tmp / 'data'}",
+                        f"--web.listen-address={LOOPBACK}:{port}",
+                        "--cluster.listen-address=",  # one instance: no gossip port
+                        "--log.level=warn",
+                    ],
+                    tmp / "alertmanager.log",
+                    may_move=not self._port_fixed,
+                )
+            except BaseException:
+                self.stop()
+                raise
+            return self
+
+    def stop(self) -> None:
+        """Stop it and remove its directory. Idempotent."""
+        with self._lock:
+            self._stop_process()
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                self._tmp = None
+            self._disarm_atexit()
+
+    def silences(self) -> list[dict[str, object]]:
+        """`GET /api/v2/silences`: every silence, with its `status.state`."""
+        response = httpx.get(f"{self.url}/api/v2/silences", timeout=5)
+        response.raise_for_status()
+        found: list[dict[str, object]] = response.json()
+        return found
+
+    def _answers(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/-/ready", timeout=0.5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _stop_process(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        else:
+            proc.wait()
