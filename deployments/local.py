@@ -3,10 +3,12 @@
 1. a Prefect server on SQLite with its UI on http://127.0.0.1:4200 (state in .local/),
 2. the sandbox platform (PostgreSQL, Redis, moto, the Kubernetes emulator, the backend
    stand-in, a notification receiver), and
-3. every deployment in prefect.yaml, served by one process with its schedules live,
-   pointed at the sandbox.
+3. every deployment in prefect.yaml, served by one process with its schedules live
+   (and its alert triggers), pointed at the sandbox, and
+4. the alert bridge (`python -m bridge`, http://127.0.0.1:9094/alertmanager): Alertmanager's
+   webhook in, Prefect events out.
 
-Ctrl-C stops all three. `--serve-only` runs step 3 alone against whatever PREFECT_API_URL
+Ctrl-C stops them all. `--serve-only` runs step 3 alone against whatever PREFECT_API_URL
 and RUNBOOK_* say (that is how the tests and the benchmarks start it, and how you would
 serve the runbooks against a real cluster without a worker).
 
@@ -30,6 +32,8 @@ STATE_DIR = PROJECT_ROOT / ".local"
 
 # Launch latency: the runner checks for new runs every second (Prefect's default is 10 s).
 FAST_RUNNER = {"PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+# Where Alertmanager delivers its webhook (bridge/app.py); the bridge's own default.
+ALERT_BRIDGE_PORT = 9094
 
 
 def serve_catalog() -> None:
@@ -87,6 +91,12 @@ def run_everything(host: str, port: int) -> None:
         # (runner, sandbox, then the server the runner reports to).
         start_new_session=True,
     )
+    bridge = subprocess.Popen(
+        [sys.executable, "-m", "bridge"],
+        env={**prefect_env, "ALERT_BRIDGE_PORT": str(ALERT_BRIDGE_PORT)},
+        cwd=PROJECT_ROOT,
+        start_new_session=True,
+    )
     try:
         print("Starting the sandbox platform…")
         with Sandbox() as platform:
@@ -104,6 +114,8 @@ def run_everything(host: str, port: int) -> None:
                     f"  Kubernetes API:    {platform.kube.url}\n"
                     f"  Backend API:       {platform.backend.url if platform.backend else '-'}\n"
                     f"  Notifications to:  {platform.receiver.url}\n"
+                    f"  Prometheus:        {platform.env['RUNBOOK_PROMETHEUS_URL']}\n"
+                    f"  Alert bridge:      http://127.0.0.1:{ALERT_BRIDGE_PORT}/alertmanager\n"
                     "  Every runbook in prefect.yaml is served; Ctrl-C stops everything.\n",
                     flush=True,
                 )
@@ -113,6 +125,7 @@ def run_everything(host: str, port: int) -> None:
     except KeyboardInterrupt:
         print("\nStopping…")
     finally:
+        _stop(bridge)
         _stop(server)
 
 
