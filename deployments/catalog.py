@@ -31,6 +31,8 @@ class DeploymentSpec:
     parameters: dict[str, Any] = field(default_factory=dict)
     schedules: tuple[dict[str, Any], ...] = ()
     concurrency_limit: int | None = None
+    # prefect.yaml `triggers:` (event triggers): automations that start this deployment.
+    triggers: tuple[dict[str, Any], ...] = ()
 
     def load_flow(self) -> Flow[..., Any]:
         """Import the entrypoint (`path/to/module.py:function`) and return its flow."""
@@ -64,13 +66,28 @@ def load_catalog(path: Path = PREFECT_YAML) -> list[DeploymentSpec]:
                 parameters=dict(entry.get("parameters") or {}),
                 schedules=tuple(entry.get("schedules") or ()),
                 concurrency_limit=entry.get("concurrency_limit"),
+                triggers=tuple(entry.get("triggers") or ()),
             )
         )
     return specs
 
 
+def deployment_triggers(spec: DeploymentSpec) -> list[Any]:
+    """The yaml's `triggers:` as `prefect deploy` reads them (a name each if none given):
+    `serve` creates their automations too, owned by the deployment, replaced on restart."""
+    from prefect.events import DeploymentTriggerTypes
+    from pydantic import TypeAdapter
+
+    adapter: TypeAdapter[Any] = TypeAdapter(DeploymentTriggerTypes)
+    return [
+        adapter.validate_python({"name": f"{spec.name}__automation_{i}", **trigger})
+        for i, trigger in enumerate(spec.triggers, start=1)
+    ]
+
+
 def to_runner_deployment(spec: DeploymentSpec) -> Any:
-    """A `RunnerDeployment` for `prefect.serve`, carrying the yaml's schedules and limits."""
+    """A `RunnerDeployment` for `prefect.serve`, carrying the yaml's schedules, limits and
+    triggers."""
     from prefect.client.schemas.schedules import construct_schedule
 
     schedules = [
@@ -83,4 +100,5 @@ def to_runner_deployment(spec: DeploymentSpec) -> Any:
         parameters=spec.parameters,
         schedules=schedules or None,
         concurrency_limit=spec.concurrency_limit,
+        triggers=deployment_triggers(spec) or None,
     )

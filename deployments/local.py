@@ -3,10 +3,12 @@
 1. a Prefect server on SQLite with its UI on http://127.0.0.1:4200 (state in .local/),
 2. the sandbox platform (PostgreSQL, Redis, moto, the Kubernetes emulator, the backend
    stand-in, a notification receiver), and
-3. every deployment in prefect.yaml, served by one process with its schedules live,
-   pointed at the sandbox.
+3. every deployment in prefect.yaml, served by one process with its schedules live
+   (and its alert triggers), pointed at the sandbox, and
+4. the alert bridge (`python -m bridge`, http://127.0.0.1:9094/alertmanager): Alertmanager's
+   webhook in, Prefect events out.
 
-Ctrl-C stops all three. `--serve-only` runs step 3 alone against whatever PREFECT_API_URL
+Ctrl-C stops them all. `--serve-only` runs step 3 alone against whatever PREFECT_API_URL
 and RUNBOOK_* say (that is how the tests and the benchmarks start it, and how you would
 serve the runbooks against a real cluster without a worker).
 
@@ -30,16 +32,26 @@ STATE_DIR = PROJECT_ROOT / ".local"
 
 # Launch latency: the runner checks for new runs every second (Prefect's default is 10 s).
 FAST_RUNNER = {"PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+# Where Alertmanager delivers its webhook (bridge/app.py); the bridge's own default.
+ALERT_BRIDGE_PORT = 9094
 
 
-def serve_catalog() -> None:
-    """Serve every prefect.yaml deployment from this process (blocks until stopped)."""
+def serve_catalog(with_triggers: bool = True) -> None:
+    """Serve every prefect.yaml deployment from this process (blocks until stopped).
+
+    `with_triggers=False` leaves out the yaml's event triggers (no automations): for a test
+    session whose own tests post alerts and must not start real incidents with them.
+    """
+    from dataclasses import replace
+
     from prefect import serve
 
     from deployments.catalog import load_catalog, to_runner_deployment
 
-    deployments = [to_runner_deployment(spec) for spec in load_catalog()]
-    serve(*deployments, limit=10)
+    specs = load_catalog()
+    if not with_triggers:
+        specs = [replace(spec, triggers=()) for spec in specs]
+    serve(*[to_runner_deployment(spec) for spec in specs], limit=10)
 
 
 def _wait_for_http(url: str, timeout: float, process: subprocess.Popen[bytes]) -> None:
@@ -87,9 +99,17 @@ def run_everything(host: str, port: int) -> None:
         # (runner, sandbox, then the server the runner reports to).
         start_new_session=True,
     )
+    bridge = subprocess.Popen(
+        [sys.executable, "-m", "bridge"],
+        env={**prefect_env, "ALERT_BRIDGE_PORT": str(ALERT_BRIDGE_PORT)},
+        cwd=PROJECT_ROOT,
+        start_new_session=True,
+    )
     try:
         print("Starting the sandbox platform…")
-        with Sandbox() as platform:
+        with Sandbox(
+            alert_webhook_url=f"http://127.0.0.1:{ALERT_BRIDGE_PORT}/alertmanager"
+        ) as platform:
             _wait_for_http(f"{api_url}/health", 180, server)
             served = subprocess.Popen(
                 [sys.executable, "-m", "deployments.local", "--serve-only"],
@@ -104,6 +124,8 @@ def run_everything(host: str, port: int) -> None:
                     f"  Kubernetes API:    {platform.kube.url}\n"
                     f"  Backend API:       {platform.backend.url if platform.backend else '-'}\n"
                     f"  Notifications to:  {platform.receiver.url}\n"
+                    f"  Prometheus:        {platform.env['RUNBOOK_PROMETHEUS_URL']}\n"
+                    f"  Alert bridge:      http://127.0.0.1:{ALERT_BRIDGE_PORT}/alertmanager\n"
                     "  Every runbook in prefect.yaml is served; Ctrl-C stops everything.\n",
                     flush=True,
                 )
@@ -113,6 +135,7 @@ def run_everything(host: str, port: int) -> None:
     except KeyboardInterrupt:
         print("\nStopping…")
     finally:
+        _stop(bridge)
         _stop(server)
 
 
@@ -127,11 +150,14 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve-only", action="store_true", help="only serve the deployments")
+    parser.add_argument(
+        "--no-triggers", action="store_true", help="serve without the alert triggers (tests)"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=4200)
     args = parser.parse_args()
     if args.serve_only:
-        serve_catalog()
+        serve_catalog(with_triggers=not args.no_triggers)
     else:
         run_everything(args.host, args.port)
 

@@ -201,6 +201,8 @@ class BackendStandIn(ThreadedHTTPService):
         self.load_secrets = load_secrets
         self._pod_secrets: PodSecrets | None = None
         self.pod_starts = 0
+        # More metrics for /metrics (e.g. sandbox/platform_metrics.py), rendered per scrape.
+        self.exporters: list[Callable[[], str]] = []
 
     def start(self) -> Self:
         super().start()
@@ -231,7 +233,8 @@ class BackendStandIn(ThreadedHTTPService):
 
     def metrics_text(self) -> str:
         """What ``GET /metrics`` would answer now."""
-        return self._metrics.render() + self._in_flight.render()
+        exported = "".join(export() for export in self.exporters)
+        return self._metrics.render() + self._in_flight.render() + exported
 
     @property
     def in_flight(self) -> int:

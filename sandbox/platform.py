@@ -17,7 +17,9 @@ import secrets
 import subprocess
 import sys
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 import boto3
 import psycopg
@@ -26,6 +28,7 @@ from psycopg import sql
 from sandbox.backend_app import APP_DIRECTORY, SEED_REVISION
 from sandbox.backend_standin import BackendStandIn, PodSecrets
 from sandbox.kube_emulator import KubeEmulator
+from sandbox.platform_metrics import PlatformMetrics
 from sandbox.receiver import NotificationReceiver
 from sandbox.services import (
     AlertmanagerServer,
@@ -34,6 +37,7 @@ from sandbox.services import (
     RedisServer,
     Service,
 )
+from sandbox.services.prometheus import PrometheusServer
 from sandbox.tls_listener import TLSMaterial
 
 NAMESPACE = "complianceagent"
@@ -49,6 +53,11 @@ AWS_REGION = "us-east-1"
 # The API's certificate: cert-manager keeps it in TLS_SECRET, the backend serves it (HTTPS).
 TLS_CERTIFICATE = "complianceagent-tls"
 TLS_SECRET = "tls-secret"
+# The platform's alert rules, run by the sandbox's Prometheus on a compressed clock: scrape
+# and evaluation every second, 5-minute windows made 10 s and `for: 5m` made 2 s, so a
+# drill's alert fires within seconds (the real durations are unit-tested by promtool).
+ALERT_RULES = Path(__file__).resolve().parent.parent / "monitoring" / "rules"
+SANDBOX_RULE_CLOCK = ("10s", "2s")
 
 # A small production: what the runbooks find when they start (the tables come from the
 # backend's first migration, sandbox/backend_app; here is their one text column's data).
@@ -184,17 +193,21 @@ def _serving_revision(deployment: dict[str, Any]) -> str | None:
 class Sandbox(Service):
     """Start with `with Sandbox() as platform:`; `platform.env` points the runbooks here."""
 
-    def __init__(self) -> None:
+    def __init__(self, alert_webhook_url: str | None = None) -> None:
+        """`alert_webhook_url`: where the sandbox's Alertmanager delivers alerts (the alert
+        bridge, as `make up` runs it); None: Prometheus still fires them, nobody is told."""
         self._stack = ExitStack()
         self.postgres = PostgresServer()
         self.redis = RedisServer()
         self.moto = MotoServer()
         self.kube = KubeEmulator()
         self.receiver = NotificationReceiver()
-        self.alertmanager = AlertmanagerServer()
+        self.alertmanager = AlertmanagerServer(webhook_url=alert_webhook_url)
         self.backend: BackendStandIn | None = None
         self._pods_secretsmanager: Any = None
         self._backend_pod_revision: str | None = None
+        self.metrics: PlatformMetrics | None = None
+        self.prometheus: PrometheusServer | None = None
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -219,6 +232,7 @@ class Sandbox(Service):
                     load_secrets=self._pod_secrets_now,
                 )
             )
+            self._start_monitoring(alertmanager_url=self.alertmanager.url)
             self.seed()
             self._start_backend_pods()
         except BaseException:
@@ -228,6 +242,21 @@ class Sandbox(Service):
 
     def stop(self) -> None:
         self._stack.close()
+
+    def _start_monitoring(self, alertmanager_url: str | None) -> None:
+        """The Key Metrics on the backend's /metrics and a real Prometheus scraping it
+        with the platform's alert rules, sending alerts to `alertmanager_url` if given."""
+        assert self.backend is not None
+        self.metrics = PlatformMetrics(self.postgres.dsn, self.redis.url)
+        self.backend.exporters.append(self.metrics.render)
+        self.prometheus = self._stack.enter_context(
+            PrometheusServer(
+                targets={"backend": [urlsplit(self.backend.url).netloc]},
+                rule_files=sorted(ALERT_RULES.glob("*.yml")),
+                alertmanager_url=alertmanager_url,
+                rule_clock=SANDBOX_RULE_CLOCK,
+            )
+        )
 
     # --- seeding --------------------------------------------------------------------
 
@@ -367,6 +396,8 @@ class Sandbox(Service):
             self.migrate_database(SEED_REVISION)
         assert self.backend is not None
         self.backend.reset()
+        if self.metrics is not None:
+            self.metrics.reset()
         self.receiver.clear()
         self.kube.clear_rollout_failures()
         self.kube.clear_certificate_failures()
@@ -418,7 +449,7 @@ class Sandbox(Service):
     @property
     def env(self) -> dict[str, str]:
         """`RUNBOOK_*` (and AWS) variables that point the runbooks at this sandbox."""
-        assert self.backend is not None
+        assert self.backend is not None and self.prometheus is not None
         receiver = self.receiver.url
         return {
             "RUNBOOK_ENVIRONMENT": "sandbox",
@@ -427,6 +458,7 @@ class Sandbox(Service):
             "RUNBOOK_API_BASE_URL": self.backend.url,
             "RUNBOOK_DATABASE_DSN": self.postgres.dsn,
             "RUNBOOK_REDIS_URL": self.redis.url,
+            "RUNBOOK_PROMETHEUS_URL": self.prometheus.url,
             "RUNBOOK_AWS_REGION": AWS_REGION,
             "RUNBOOK_AWS_ENDPOINT_URL": self.moto.endpoint_url,
             "RUNBOOK_API_KEY_SECRET_ID": API_KEY_SECRET_ID,

@@ -12,6 +12,9 @@ command -v zstd >/dev/null 2>&1 || missing+=(zstd)  # bench.data: the raw and pe
 # The sandbox's Alertmanager (maintenance windows silence alerts there); Debian names the
 # binary prometheus-alertmanager; the sandbox starts its own on loopback.
 [ -x /usr/bin/prometheus-alertmanager ] || missing+=(prometheus-alertmanager)
+# The sandbox's Prometheus (scrapes the backend stand-in, evaluates monitoring/rules) and
+# promtool (the rules' unit tests in `make test`).
+{ [ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ]; } || missing+=(prometheus)
 if ((${#missing[@]})); then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -32,6 +32,8 @@ from prefect.events.filters import (
 )
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
+from runbook.alert_events import RESOLVED as ALERT_RESOLVED
+from runbook.alert_events import alert_resource_id as alert_resource
 from runbook.decisions.incidents import (
     PAGERDUTY_SEVERITY,
     Contact,
@@ -46,15 +48,10 @@ from tasks.notify import notify_chat, page_on_call
 from tasks.retry_policy import call_with_retries
 
 ACKNOWLEDGED = "complianceagent.incident.acknowledged"
-ALERT_RESOLVED = "complianceagent.alert.resolved"
 
 
 def incident_resource(incident: str) -> str:
     return f"complianceagent.incident.{incident}"
-
-
-def alert_resource(group_key: str) -> str:
-    return f"complianceagent.alert.{group_key}"
 
 
 def record_name(incident: str) -> str:

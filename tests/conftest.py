@@ -60,7 +60,7 @@ def served_api(sandbox: Sandbox, prefect_server: None) -> Iterator[str]:
 
     api_url = str(PREFECT_API_URL.value())
     process = subprocess.Popen(
-        [sys.executable, "-m", "deployments.local", "--serve-only"],
+        [sys.executable, "-m", "deployments.local", "--serve-only", "--no-triggers"],
         env={**os.environ, "PREFECT_API_URL": api_url, **FAST_RUNNER},
         cwd=PROJECT_ROOT,
     )

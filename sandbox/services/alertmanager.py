@@ -1,8 +1,10 @@
 """A real Prometheus Alertmanager (Debian's `prometheus-alertmanager`) on a free loopback
 port, clustering off, state in a temporary directory.
 
-The platform's alerts would be routed through it; runbooks silence them for a planned
-maintenance window (`POST /api/v2/silences`, `DELETE /api/v2/silence/{id}`).
+The platform's alerts are routed through it; runbooks silence them for a planned
+maintenance window (`POST /api/v2/silences`, `DELETE /api/v2/silence/{id}`). With a
+`webhook_url` it delivers each alert group there (the alert bridge), grouped by alertname,
+after `group_wait` (short in the sandbox, so an alert reaches Prefect in seconds).
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import httpx
+import yaml
 
 from .base import LOOPBACK, SandboxDependencyError, ServerProcess
 
@@ -26,6 +29,30 @@ route:
 receivers:
   - name: sandbox
 """
+
+
+def alertmanager_config(
+    webhook_url: str | None, *, group_wait: str, group_interval: str, repeat_interval: str
+) -> str:
+    """Route every alert, grouped by alertname, to the webhook (or nowhere without one)."""
+    if webhook_url is None:
+        return _CONFIG
+    config: dict[str, Any] = {
+        "route": {
+            "receiver": "alert-bridge",
+            "group_by": ["alertname"],
+            "group_wait": group_wait,
+            "group_interval": group_interval,
+            "repeat_interval": repeat_interval,
+        },
+        "receivers": [
+            {
+                "name": "alert-bridge",
+                "webhook_configs": [{"url": webhook_url, "send_resolved": True}],
+            }
+        ],
+    }
+    return yaml.safe_dump(config, sort_keys=False)
 
 
 def find_alertmanager() -> str:
@@ -43,8 +70,23 @@ def find_alertmanager() -> str:
 class AlertmanagerServer(ServerProcess):
     """`with AlertmanagerServer() as am:` then `am.url` is its API base (`/api/v2/...`)."""
 
-    def __init__(self, *, port: int | None = None, startup_timeout: float = 15.0) -> None:
+    def __init__(
+        self,
+        *,
+        webhook_url: str | None = None,
+        group_wait: str = "1s",
+        group_interval: str = "5s",
+        repeat_interval: str = "4h",
+        port: int | None = None,
+        startup_timeout: float = 15.0,
+    ) -> None:
         super().__init__(port=port, startup_timeout=startup_timeout)
+        self.webhook_url = webhook_url
+        self.route_timing = {
+            "group_wait": group_wait,
+            "group_interval": group_interval,
+            "repeat_interval": repeat_interval,
+        }
 
     @property
     def url(self) -> str:
@@ -59,7 +101,7 @@ class AlertmanagerServer(ServerProcess):
             try:
                 self._tmp = Path(tempfile.mkdtemp(prefix="ca-alertmanager-"))
                 config = self._tmp / "alertmanager.yml"
-                config.write_text(_CONFIG)
+                config.write_text(alertmanager_config(self.webhook_url, **self.route_timing))
                 tmp = self._tmp
                 self._launch(
                     "prometheus-alertmanager",

@@ -1,0 +1,1 @@
+"""The alert bridge: Alertmanager's webhook in, Prefect events out (`bridge.app`)."""
