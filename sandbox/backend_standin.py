@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import itertools
 import json
 import threading
 import time
@@ -48,6 +49,9 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
     10.0,
 )
 CHECK_TIMEOUT_SECONDS = 2
+# Request logs: one JSON line per request, a bounded ring per pod (what its log file keeps).
+LOG_LINES_PER_POD = 10_000
+DEFAULT_POD = "backend-standin"
 
 _JSON = "application/json"
 _PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
@@ -167,7 +171,14 @@ class BackendStandIn(ThreadedHTTPService):
     - ``restart_pods()``: the pods (re)start and call ``load_secrets`` (``pod_starts``
       counts them); until then, and if loading fails, no key is accepted.
     - ``requests``: how many requests each path received (also those refused).
-    - ``reset()``: clear all of the above except the callables.
+    - ``log_clock``: unix time in ns stamped on request logs (skew it to write "old" logs).
+    - ``reset()``: clear all of the above except the callables, and the request logs.
+
+    Request logs: every request the backend serves (not ``/metrics`` scrapes, not those
+    an ingress with no pods refuses) is one JSON line — ``ts``, ``level`` (error for 5xx,
+    warning for 4xx, else info), ``method``, ``path`` (no query string), ``status``,
+    ``duration_ms``, ``user_id`` when ``X-User-Id`` is sent, ``msg`` — written to one of
+    the ``pods()`` in turn, as a Service spreads requests; ``pod_log(name)`` reads them.
     """
 
     handler_class = _Handler
@@ -183,6 +194,7 @@ class BackendStandIn(ThreadedHTTPService):
         host: str = LOOPBACK,
         port: int = 0,
         tls_material: Callable[[], TLSMaterial | None] | None = None,
+        pods: Callable[[], list[str]] = lambda: [DEFAULT_POD],
     ) -> None:
         super().__init__(host=host, port=port)
         # HTTPS on a second port, with the certificate of a TLS Secret (reloaded on change).
@@ -203,6 +215,11 @@ class BackendStandIn(ThreadedHTTPService):
         self.pod_starts = 0
         # More metrics for /metrics (e.g. sandbox/platform_metrics.py), rendered per scrape.
         self.exporters: list[Callable[[], str]] = []
+        self.pods = pods
+        self.log_clock: Callable[[], int] = time.time_ns
+        self._logs: dict[str, deque[tuple[int, str]]] = {}
+        self._log_lock = threading.Lock()
+        self._turn = itertools.count()
 
     def start(self) -> Self:
         super().start()
@@ -229,7 +246,10 @@ class BackendStandIn(ThreadedHTTPService):
             self.force_status.clear()
             self._failures.clear()
             self.requests.clear()
+            self.log_clock = time.time_ns
         self._metrics.reset()
+        with self._log_lock:
+            self._logs.clear()
 
     def metrics_text(self) -> str:
         """What ``GET /metrics`` would answer now."""
@@ -267,6 +287,7 @@ class BackendStandIn(ThreadedHTTPService):
             status, body, content_type = self._answer(handler.command, path, handler.headers)
             # Recorded before sending so a scrape right after this response includes it.
             self._metrics.observe(time.perf_counter() - started, status)
+            self._log_request(handler, path, status, time.perf_counter() - started, body)
             _send(handler, status, body, content_type)
 
     def _answer(self, method: str, path: str, headers: Any = None) -> tuple[int, Any, str]:
@@ -377,6 +398,43 @@ class BackendStandIn(ThreadedHTTPService):
         if pod is None or not hmac.compare_digest(sent.encode(), pod.api_key.encode()):
             return 401, {"detail": "invalid or missing API key"}
         return 200, {"authenticated": "api-key"}
+
+    # -- request logs ----------------------------------------------------------------
+
+    def pod_log(self, pod: str) -> list[tuple[int, str]] | None:
+        """The request log lines `pod` wrote, as (unix ns, line); None: not one of ours."""
+        with self._log_lock:
+            lines = self._logs.get(pod)
+            return list(lines) if lines is not None else None
+
+    def _log_request(
+        self, handler: BaseHTTPRequestHandler, path: str, status: int, seconds: float, body: Any
+    ) -> None:
+        pods = self.pods()  # asked outside our lock: it may read the Kubernetes emulator
+        if not pods:
+            return
+        at = self.log_clock()
+        level = "error" if status >= 500 else "warning" if status >= 400 else "info"
+        record: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at // 10**9))
+            + f".{at // 10**6 % 1000:03d}Z",
+            "level": level,
+            "method": handler.command,
+            "path": path,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 1),
+        }
+        user = handler.headers.get("X-User-Id")
+        if user:
+            record["user_id"] = user[:128]
+        detail = body.get("detail") or body.get("error") if isinstance(body, dict) else None
+        record["msg"] = f"request failed: {detail}" if status >= 400 and detail else "request done"
+        line = json.dumps(record)
+        pod = pods[next(self._turn) % len(pods)]
+        with self._log_lock:
+            for gone in set(self._logs) - set(pods):
+                del self._logs[gone]  # a deleted pod's logs go with it
+            self._logs.setdefault(pod, deque(maxlen=LOG_LINES_PER_POD)).append((at, line))
 
 
 def _secrets_in(database_dsn: str, redis_url: str) -> list[str]:

@@ -230,8 +230,10 @@ class Sandbox(Service):
                     replicas=self._backend_replicas,
                     tls_material=self._tls_material,
                     load_secrets=self._pod_secrets_now,
+                    pods=self._backend_pods,
                 )
             )
+            self.kube.add_pod_log_source(self._backend_pod_log)
             self._start_monitoring(alertmanager_url=self.alertmanager.url)
             self.seed()
             self._start_backend_pods()
@@ -421,6 +423,22 @@ class Sandbox(Service):
     def _backend_replicas(self) -> int:
         deployment = self._backend_deployment()
         return int(deployment["spec"].get("replicas", 1)) if deployment else 0
+
+    def _backend_pods(self) -> list[str]:
+        """The running pods of the backend's ReplicaSets: where a Service sends requests."""
+        names = []
+        for pod in self.kube.list("v1", "Pod", NAMESPACE):
+            meta = pod["metadata"]
+            owners = {r.get("kind") for r in meta.get("ownerReferences") or []}
+            running = (pod.get("status") or {}).get("phase") == "Running"
+            if (meta.get("labels") or {}).get("app") == "backend" and "ReplicaSet" in owners:
+                names += [meta["name"]] if running else []
+        return sorted(names)
+
+    def _backend_pod_log(self, namespace: str, pod: str, _: str) -> list[tuple[int, str]] | None:
+        """A backend pod's log: the stand-in's request logs of the requests it served."""
+        assert self.backend is not None
+        return self.backend.pod_log(pod) if namespace == NAMESPACE else None
 
     def _tls_material(self) -> TLSMaterial | None:
         """The backend's certificate as its ingress would mount it: the TLS Secret now."""

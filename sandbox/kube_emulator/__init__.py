@@ -11,7 +11,9 @@ The official `kubernetes` client talks to it unchanged
 - `rest`: routing, verbs, subresources, watches, fault injection, the write log;
 - `server`: the HTTP/1.1 socket server; `emulator`: `KubeEmulator`, the public API.
 
-Not emulated: Pods for ReplicaSets and StatefulSets, finalizers and graceful deletion,
+Pods: a ReplicaSet's are created and deleted with its `spec.replicas` (Running and
+ready at once), a Job's run; `pods/log` is in `pod_logs`. Not emulated: Pods for
+StatefulSets, finalizers and graceful deletion,
 server-side apply, paused Deployments, autoscaling, list paging (`limit` is ignored and
 everything is returned), namespace existence checks, authentication.
 """

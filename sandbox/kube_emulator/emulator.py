@@ -12,6 +12,7 @@ from sandbox.services import Service
 
 from .cluster import Cluster
 from .controllers import Controllers
+from .pod_logs import LogSource
 from .records import HistoryEvent, WriteRecord
 from .resources import JSON, ResourceType, find_type
 from .rest import Fault, RestApi
@@ -113,6 +114,12 @@ class KubeEmulator(Service):
         """What `read_namespaced_pod_log` answers for a (seeded) pod."""
         with self._cluster.lock:
             self._controllers.pod_logs[(namespace, name)] = logs
+
+    def add_pod_log_source(self, source: LogSource) -> None:
+        """Serve pods' logs from `source(namespace, pod, container)`: a list of
+        `(unix time in ns, line)`, or None for a pod it does not know."""
+        with self._cluster.lock:
+            self._controllers.log_sources.append(source)
 
     @staticmethod
     def _type(api_version: str, kind: str) -> ResourceType:

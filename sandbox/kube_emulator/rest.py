@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 from .cluster import Cluster
 from .controllers import Controllers
 from .patches import PatchError, json_patch, merge_patch, strategic_merge
+from .pod_logs import render_log
 from .records import WriteRecord
 from .resources import (
     JOBS,
@@ -309,7 +310,7 @@ class RestApi:
             if route.subresource == "scale":
                 return Response(200, scale_of(obj))
             if route.subresource == "log":
-                return self._log(route, query)
+                return self._log(obj, query)
             return Response(200, obj)
         if method == "POST" and route.name is None and (route.namespace or not rt.namespaced):
             return self._create(rt, route.namespace, body, dry_run)
@@ -352,13 +353,10 @@ class RestApi:
             },
         )
 
-    def _log(self, route: Route, query: dict[str, str]) -> Response:
-        key = (route.namespace or "", route.name or "")
-        text = self.controllers.pod_logs.get(key, "")
-        tail = query.get("tailLines", "")
-        if tail.isdigit():
-            lines = text.splitlines(keepends=True)
-            text = "".join(lines[-int(tail) :]) if int(tail) else ""
+    def _log(self, pod: JSON, query: dict[str, str]) -> Response:
+        key = (pod["metadata"].get("namespace", ""), pod["metadata"]["name"])
+        fixed = self.controllers.pod_logs.get(key)
+        text = render_log(pod, query, self.controllers.log_sources, fixed)
         return Response(200, text, content_type="text/plain")
 
     def watch_lines(self, plan: WatchPlan) -> Iterator[bytes]:

@@ -6,6 +6,7 @@ the `Scheduler`. A delayed step carries a token (the object's uid and generation
 issuance number); when a newer change has superseded it, the step does nothing.
 
 One module per controller: `deployments` (Deployments and their ReplicaSets),
+`replicasets` (their Pods),
 `statefulsets`, `jobs`, `hpas`, `certificates` (cert-manager); `base` holds what they
 share, `scheduler` the delayed steps. `Controllers` routes each change to its controller.
 """
@@ -13,6 +14,7 @@ share, `scheduler` the delayed steps. `Controllers` routes each change to its co
 from __future__ import annotations
 
 from ..cluster import Cluster
+from ..pod_logs import LogSource
 from ..records import HistoryEvent
 from ..resources import (
     CERTIFICATES,
@@ -20,6 +22,7 @@ from ..resources import (
     HPAS,
     JOBS,
     JSON,
+    REPLICASETS,
     SECRETS,
     STATEFULSETS,
     ResourceType,
@@ -29,6 +32,7 @@ from .certificates import CertificateController
 from .deployments import DeploymentController
 from .hpas import HpaController
 from .jobs import JobController
+from .replicasets import ReplicaSetController
 from .scheduler import Scheduler
 from .statefulsets import StatefulSetController
 
@@ -42,11 +46,13 @@ class Controllers:
         self.scheduler = Scheduler(cluster.lock)
         self.history: list[HistoryEvent] = []
         self.pod_logs: dict[tuple[str, str], str] = {}
+        self.log_sources: list[LogSource] = []  # pods whose logs something else writes
         self.rollouts = Rollouts()  # Deployments and StatefulSets roll out alike
         shared = (cluster, self.scheduler, self.history)
         self.deployments = DeploymentController(*shared, self.rollouts)
         self.statefulsets = StatefulSetController(*shared, self.rollouts)
         self.jobs = JobController(*shared, self.pod_logs)
+        self.replicasets = ReplicaSetController(*shared)
         self.hpas = HpaController(*shared)
         self.certificates = CertificateController(*shared)
         cluster.observers.append(self.observe)
@@ -75,6 +81,8 @@ class Controllers:
             self.deployments.changed(old, new, seeded)
         elif rt is STATEFULSETS:
             self.statefulsets.changed(old, new, seeded)
+        elif rt is REPLICASETS:
+            self.replicasets.changed(new)
         elif rt is JOBS and old is None:
             self.jobs.created(new, seeded)
         elif rt is CERTIFICATES:
