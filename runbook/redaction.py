@@ -18,9 +18,14 @@ MAX_CHARS = 2000
 _ROW_PATTERNS = (
     # DETAIL:  Failing row contains (1, alice@example.com, …).
     (re.compile(r"(Failing row contains )\(.*\)", re.IGNORECASE), r"\1" + f"({REDACTED})"),
-    # DETAIL:  Key (email)=(alice@example.com) already exists.
+    # DETAIL:  Key (email)=(alice@example.com) already exists.  Also "is duplicated" (a
+    # unique index built over existing rows: a migration), "is still referenced", …
     (
-        re.compile(r"(Key \([^)]*\)=)\(.*?\)(?= already exists| is not present| conflicts|\.|$)"),
+        re.compile(
+            r"(Key \([^)]*\)=)\(.*?\)"
+            r"(?= already exists| is duplicated| is still referenced| is not present"
+            r"| conflicts|\.|$)"
+        ),
         r"\1" + f"({REDACTED})",
     ),
     # CONTEXT:  COPY users, line 3: "…"   /   COPY users, line 3, column email: "…"

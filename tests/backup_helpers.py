@@ -20,9 +20,17 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.sorting import LogSort
 
+from flows.backup import backup
 from sandbox.platform import BACKUP_BUCKET, Sandbox
 
 PREFIX = "postgres/"
+
+
+def take_backup() -> str:
+    """Run the backup flow; the new backup's id."""
+    state = backup(return_state=True)
+    assert state.is_completed(), state.message
+    return str(state.result()["backup_id"])
 
 
 def objects(platform: Sandbox, database: str = "complianceagent") -> list[str]:

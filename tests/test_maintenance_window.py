@@ -13,11 +13,21 @@ from uuid import UUID
 import httpx
 import psycopg
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.flow_runs import resume_flow_run
+from psycopg.conninfo import make_conninfo
 
 from flows.maintenance_window import maintenance_window
 from runbook.decisions.maintenance import WINDOW_ANNOTATION
 from sandbox.backend_app import HEAD_REVISION, SEED_REVISION
+from tests.backup_helpers import (
+    clear_backups,
+    databases,
+    drop_databases_like,
+    query,
+    take_backup,
+)
 from tests.helpers import prefect_rest, read_artifacts, read_flow_run, start_in_thread
 from tests.helpers import wait_for_paused_run as paused_run_of
 from tests.release_helpers import live
@@ -33,10 +43,14 @@ DONE = {"operator": "linus", "what_was_done": "VACUUM FULL audit_log"}
 
 
 def backend_writes(kube) -> list[str]:
-    """The backend Deployment's writes, as `annotate`/`unannotate`/`env MAINTENANCE_MODE=…`."""
+    """The backend Deployment's writes, as `annotate`/`unannotate`/`env MAINTENANCE_MODE=…`
+    and `scale N` (the scale subresource)."""
     out = []
     for w in kube.writes:
         if w.kind != "Deployment" or w.name != "backend":
+            continue
+        if w.subresource == "scale":
+            out.append(f"scale {w.body['spec']['replicas']}")
             continue
         annotations = (w.body.get("metadata") or {}).get("annotations") or {}
         if WINDOW_ANNOTATION in annotations:
@@ -62,11 +76,15 @@ def maintenance_env(kube) -> str:
     return next(v["value"] for v in container["env"] if v["name"] == "MAINTENANCE_MODE")
 
 
-def assert_window_closed(platform, kube, run_id: UUID, closing: str = "resolved") -> None:
-    """Everything entering did is undone, in order, and the world says so."""
+def assert_window_closed(
+    platform, kube, run_id: UUID, closing: str = "resolved", inside: tuple[str, ...] = ()
+) -> None:
+    """Everything entering did is undone, in order, and the world says so. `inside`: the
+    backend writes the work made, between entering and leaving."""
     assert backend_writes(kube) == [
         "annotate",
         "env MAINTENANCE_MODE=true",
+        *inside,
         "env MAINTENANCE_MODE=false",
         "unannotate",
     ]
@@ -76,6 +94,21 @@ def assert_window_closed(platform, kube, run_id: UUID, closing: str = "resolved"
     [silence] = silences_of(platform, run_id)
     assert silence["status"]["state"] == "expired"
     assert [m["name"] for m in silence["matchers"]] == ["namespace"]
+
+
+def users(platform) -> list[str]:
+    return [r[0] for r in query(platform.postgres.dsn, "SELECT email FROM users ORDER BY id")]
+
+
+def child_runs(run_id: UUID) -> list[str]:
+    """The names of the flows a run started as subflows."""
+    with get_client(sync_client=True) as prefect_api:
+        runs = prefect_api.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])
+            )
+        )
+        return [prefect_api.read_flow(r.flow_id).name for r in runs]
 
 
 # --- driving a run -----------------------------------------------------------------------
@@ -165,6 +198,57 @@ def test_migrations_inside_change_the_real_schema(platform, window_kube):
     assert state.result()["work"]["alembic_current"] == f"{HEAD_REVISION} (head)"
     assert platform.schema_revision() == HEAD_REVISION
     assert_window_closed(platform, window_kube, run_id)
+
+
+def test_restore_inside_swaps_the_database_and_leaves_health_to_the_window(platform, window_kube):
+    clear_backups(platform)
+    try:
+        backed_up = users(platform)
+        backup_id = take_backup()
+        before = databases(platform)
+        # After the backup, the data changes: the restore must bring the backup's rows back.
+        query(platform.postgres.dsn, "INSERT INTO users (email) VALUES ('late@example.com')")
+        window_kube.clear_writes()
+        platform.receiver.clear()
+
+        run_id, run = open_window(reason="Restore after bad import", work="restore")
+        restore_run = paused_run_of("restore")  # its own approval, as a subflow
+        assert maintenance_env(window_kube) == "true"
+        resume_flow_run(restore_run.id, run_input=APPROVE)
+        state = run.join(180)
+
+        assert state.is_completed(), state.message
+        # The live database really was swapped: a new one with the backup's rows, the old
+        # one kept under a dated name with the row added after the backup.
+        assert users(platform) == backed_up
+        after = databases(platform)
+        assert after["complianceagent"] != before["complianceagent"]
+        (kept,) = [name for name in after if name.startswith("complianceagent_pre_restore_")]
+        assert after[kept] == before["complianceagent"]
+        kept_dsn = make_conninfo(platform.postgres.dsn, dbname=kept)
+        assert ("late@example.com",) in query(kept_dsn, "SELECT email FROM users")
+        # Inside the window: the writers stopped for the swap only, and came back.
+        assert_window_closed(platform, window_kube, run_id, inside=("scale 0", "scale 3"))
+        # The restore completed and left health to the window: no health-check subflow of
+        # its own (the backend answers 503 in maintenance), and its report says so.
+        restored = read_flow_run(restore_run.id)
+        assert restored.state is not None and restored.state.is_completed()
+        assert child_runs(run_id) == ["restore"]  # a subflow of the window …
+        assert child_runs(restore_run.id) == []  # … which started no health-check
+        restore_report = read_artifacts(restore_run.id)["restore"].data
+        assert f"from backup {backup_id}" in restore_report
+        assert "Health not checked here (the caller checks it)." in restore_report
+        assert "**Health afterwards:** not checked" in restore_report
+        # The window checked health itself, after maintenance mode was off, and it passed.
+        result = state.result()
+        assert result["health"] == "healthy"
+        assert result["work"]["previous_database"] == kept
+        window_report = read_artifacts(run_id)["maintenance-window"].data
+        assert "| health afterwards | healthy |" in window_report
+        assert "| health check | done |" in window_report
+    finally:
+        clear_backups(platform)
+        drop_databases_like(platform, r"complianceagent\_%")
 
 
 def test_failing_inside_step_still_closes_the_window(platform, window_kube):

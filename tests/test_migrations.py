@@ -9,9 +9,11 @@ from prefect.client.orchestration import get_client
 from prefect.flow_runs import resume_flow_run
 
 from flows.migrations import migrations
+from runbook.redaction import REDACTED
 from sandbox.backend_app import HEAD_REVISION, SEED_REVISION
 from tasks import kubernetes as k8s
 from tasks.locks import lock_name
+from tests.backup_helpers import stored_by_the_server
 from tests.helpers import read_artifacts, start_in_thread, wait_for_paused_run
 from tests.release_helpers import NS, live, wait_settled, wait_until
 
@@ -68,7 +70,7 @@ def test_migrations_run_as_a_job_from_the_backend_image_and_report_alembic_curre
     report = read_artifacts(state.state_details.flow_run_id)["migrations-report"].data
     assert f"{HEAD_REVISION} (head)" in report
     assert f"- {SEED_REVISION} -> 8c41d5e2b6a9, add scan severity index" in report
-    assert f"Running upgrade 8c41d5e2b6a9 -> {HEAD_REVISION}" in report  # alembic's own log
+    assert f"Running upgrade a7e3f09b12c4 -> {HEAD_REVISION}" in report  # alembic's own log
 
 
 def test_outside_a_maintenance_window_it_is_refused_before_anything(platform, kube):
@@ -113,6 +115,33 @@ def test_failed_job_fails_the_run_with_its_logs_and_is_cleaned_up(platform, kube
     assert kube.get("batch/v1", "Job", NS, name) is None
     chat = platform.receiver.wait_for(lambda n: n.path.startswith("/slack"))
     assert "failed" in chat.json["text"]
+
+
+@pytest.mark.slow
+def test_a_failed_data_migration_publishes_the_cause_but_no_row_data(platform, kube):
+    # Two accounts differing only in case: the data migration lower-cases them, its unique
+    # constraint then fails, and PostgreSQL quotes the duplicated email in its error.
+    email = "ada.lovelace@example.com"
+    with psycopg.connect(platform.postgres.dsn, autocommit=True) as db:
+        db.execute("INSERT INTO users (email) VALUES (%s), (%s)", (email, email.title()))
+    try:
+        paused, state = run_approved(require_maintenance_mode=False)
+        assert platform.schema_revision() == SEED_REVISION  # one transaction: nothing applied
+    finally:
+        with psycopg.connect(platform.postgres.dsn, autocommit=True) as db:
+            db.execute("DELETE FROM users WHERE lower(email) = %s", (email,))
+
+    assert state.is_failed()
+    chat = platform.receiver.wait_for(lambda n: n.path.startswith("/slack")).json["text"]
+    report = read_artifacts(paused.id)["migrations-report"].data
+    # The cause is readable where people look: the run's state and its report …
+    for published in (state.message, report):
+        assert 'could not create unique index "uq_users_email"' in published
+        assert f"Key (email)=({REDACTED}) is duplicated." in published
+    assert "failed" in chat
+    # … and the customer's email is in none of them, nor anywhere the server keeps the run.
+    for published in (state.message, report, chat, stored_by_the_server(paused.id)):
+        assert "lovelace" not in published.lower()
 
 
 def test_rejected_approval_writes_nothing(platform, kube):

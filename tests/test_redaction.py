@@ -17,6 +17,20 @@ def test_failing_row_and_duplicate_key_values_are_redacted() -> None:
     assert 'violates check constraint "users_age"' in out  # the cause stays readable
 
 
+def test_keys_quoted_by_index_builds_and_foreign_keys_are_redacted() -> None:
+    text = (
+        'ERROR:  could not create unique index "uq_users_email"\n'
+        "DETAIL:  Key (email)=(ada.lovelace@example.com) is duplicated.\n"
+        'ERROR:  update or delete on table "users" violates foreign key constraint "fk"\n'
+        'DETAIL:  Key (id)=(42) is still referenced from table "orders".\n'
+    )
+    out = redact_row_data(text)
+    assert "lovelace" not in out and "(42)" not in out
+    assert f"Key (email)=({REDACTED}) is duplicated." in out
+    assert f"Key (id)=({REDACTED}) is still referenced from table" in out
+    assert 'could not create unique index "uq_users_email"' in out
+
+
 def test_copy_context_lines_lose_the_row() -> None:
     text = (
         'pg_restore: error: COPY failed for table "users": ERROR:  invalid input syntax '

@@ -27,7 +27,6 @@ from prefect.client.schemas.objects import StateType
 from prefect.flow_runs import resume_flow_run
 from psycopg.conninfo import make_conninfo
 
-from flows.backup import backup
 from flows.restore import restore
 from sandbox.platform import BACKUP_BUCKET, NAMESPACE
 from tasks.kubernetes import api_client, scale_deployment
@@ -41,6 +40,7 @@ from tests.backup_helpers import (
     replicas,
     scale_writes,
     stored_by_the_server,
+    take_backup,
 )
 from tests.helpers import read_artifacts, read_flow_run, start_in_thread, wait_for_paused_run
 
@@ -57,12 +57,6 @@ def live(platform):
     yield platform
     clear_backups(platform)
     drop_databases_like(platform, r"complianceagent\_%")
-
-
-def take_backup() -> str:
-    state = backup(return_state=True)
-    assert state.is_completed(), state.message
-    return str(state.result()["backup_id"])
 
 
 def users(platform) -> list[str]:

@@ -7,4 +7,4 @@ from pathlib import Path
 APP_DIRECTORY = Path(__file__).resolve().parent
 # The revision the sandbox seeds its database at: migrations have work to do.
 SEED_REVISION = "3f2a9c1d7e10"
-HEAD_REVISION = "a7e3f09b12c4"
+HEAD_REVISION = "e5c1d9a4f7b3"
