@@ -148,10 +148,9 @@ def migrations(
     )
     _publish(summary, job.name, job.image, current, applied, logs, timer)
     if not outcome.succeeded:
-        announce(f":rotating_light: {summary}")
-        raise MigrationFailed(
-            f"{summary}\n--- end of the Job's logs:\n{redact_output(logs, max_lines=15)}"
-        )
+        cause = redact_output(logs, max_lines=15)
+        announce(f":rotating_light: {summary}\n```\n{redact_output(logs, max_lines=8)}\n```")
+        raise MigrationFailed(f"{summary}\n--- end of the Job's logs:\n{cause}")
     logger.info(summary)
     return {"job": job.name, "image": job.image, "alembic_current": current}
 

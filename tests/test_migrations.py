@@ -134,9 +134,10 @@ def test_a_failed_data_migration_publishes_the_cause_but_no_row_data(platform, k
     assert state.is_failed()
     chat = platform.receiver.wait_for(lambda n: n.path.startswith("/slack")).json["text"]
     report = read_artifacts(paused.id)["migrations-report"].data
-    # The cause is readable where people look: the run's state and its report …
-    for published in (state.message, report):
+    # The cause is readable where people look: the run's state, its report and chat …
+    for published in (state.message, report, chat):
         assert 'could not create unique index "uq_users_email"' in published
+    for published in (state.message, report):
         assert f"Key (email)=({REDACTED}) is duplicated." in published
     assert "failed" in chat
     # … and the customer's email is in none of them, nor anywhere the server keeps the run.
