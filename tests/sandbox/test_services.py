@@ -248,14 +248,19 @@ def test_moto_reset_forgets_everything_and_stop_releases_the_port():
     server.stop()  # idempotent
 
 
-def test_a_port_in_use_is_a_clear_error_and_leaves_nothing_behind():
+def test_a_port_in_use_is_a_clear_error_and_leaves_nothing_behind(monkeypatch):
+    # A temporary directory of this test's own, traversable by PostgreSQL's user: other
+    # processes on the machine create and remove temporary files in /tmp meanwhile.
+    private = tempfile.mkdtemp(prefix="port-in-use-", dir="/tmp")
+    os.chmod(private, 0o755)
+    monkeypatch.setattr(tempfile, "tempdir", private)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        before = set(os.listdir(tempfile.gettempdir()))
         with pytest.raises(RuntimeError, match="Address already in use"):
             RedisServer(port=port).start()
         with pytest.raises(RuntimeError, match="Address already in use"):
             PostgresServer(port=port).start()
-        assert set(os.listdir(tempfile.gettempdir())) <= before
+        assert os.listdir(private) == []
+    os.rmdir(private)
