@@ -302,6 +302,8 @@ class Sandbox(Service):
             "RUNBOOK_STATUSPAGE_URL": f"{receiver}/statuspage/incidents",
             # Where each Certificate is served; its first dnsName is what TLS verifies.
             "RUNBOOK_TLS_ENDPOINTS": json.dumps({TLS_CERTIFICATE: self.tls_address}),
+            # The cache in its own Redis database; the Celery broker keeps db 0.
+            "RUNBOOK_REDIS_CACHE_DB": "1",
             "AWS_ACCESS_KEY_ID": "sandbox",
             "AWS_SECRET_ACCESS_KEY": "sandbox",
             "AWS_DEFAULT_REGION": AWS_REGION,
