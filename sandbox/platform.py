@@ -218,6 +218,11 @@ class Sandbox(Service):
                     )
             db.execute("CREATE TABLE IF NOT EXISTS alembic_version (version_num varchar(32))")
             db.execute("INSERT INTO alembic_version VALUES ('3f2a9c1d7e10')")
+        # pg_stat_statements for diagnose-latency, in the maintenance database: the view is
+        # cluster-wide, and the application database's dumps then carry no extension only a
+        # superuser may create (the restore runs as the application role).
+        with psycopg.connect(self.postgres.admin_dsn, autocommit=True) as admin:
+            admin.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         # moto keeps its state per process: a second sandbox in one process (the benchmark
         # suites run one after another) must not meet the first one's bucket and secret.
         self.moto.reset()

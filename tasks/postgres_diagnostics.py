@@ -11,6 +11,7 @@ import psycopg
 from prefect import task
 
 from runbook.decisions.diagnostics_connections import IDLE_STATES, termination_check
+from runbook.settings import load_settings
 from tasks.postgres import connect
 from tasks.retry_policy import TRANSIENT_RETRIES
 
@@ -72,25 +73,32 @@ def read_connection_limits() -> dict[str, int]:
 
 
 @task(**TRANSIENT_RETRIES)
-def read_slow_statements(limit: int = 10) -> list[dict[str, Any]] | None:
+def read_slow_statements(database: str, limit: int = 10) -> dict[str, Any] | None:
     """The page's slow-query check, fixed for PostgreSQL 13+ (`mean_time` became
-    `mean_exec_time`): the `limit` statements with the highest mean execution time.
-    None when the pg_stat_statements extension is not installed in the database."""
-    with connect() as conn:
-        installed = conn.execute(
-            "SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'"
-        ).fetchone()
-        if installed is None:
-            return None
-        rows = conn.execute(
-            "SELECT query, calls, mean_exec_time, total_exec_time FROM pg_stat_statements"
-            " ORDER BY mean_exec_time DESC LIMIT %s",
-            (limit,),
-        ).fetchall()
-    return [
-        {"query": q, "calls": int(c), "mean_exec_time": float(m), "total_exec_time": float(t)}
-        for q, c, m, t in rows
-    ]
+    `mean_exec_time`): the `limit` statements of `database` with the highest mean
+    execution time. pg_stat_statements is cluster-wide; its view is looked for in
+    `database`, then in the maintenance database (where a DBA may have created it so that
+    dumps of the application database do not carry a superuser-only extension).
+    Returns `{"view_in": db, "statements": [...]}`, or None if neither has it."""
+    for where in dict.fromkeys([database, load_settings().postgres_maintenance_database]):
+        with connect(where) as conn:
+            installed = conn.execute(
+                "SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'"
+            ).fetchone()
+            if installed is None:
+                continue
+            rows = conn.execute(
+                "SELECT query, calls, mean_exec_time, total_exec_time FROM pg_stat_statements"
+                " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = %s)"
+                " AND query IS NOT NULL ORDER BY mean_exec_time DESC LIMIT %s",
+                (database, limit),
+            ).fetchall()
+        statements = [
+            {"query": q, "calls": int(c), "mean_exec_time": float(m), "total_exec_time": float(t)}
+            for q, c, m, t in rows
+        ]
+        return {"view_in": where, "statements": statements}
+    return None
 
 
 @task(task_run_name="end {count} idle sessions")

@@ -13,11 +13,13 @@ from prefect.exceptions import ParameterTypeError
 from prefect.flow_runs import resume_flow_run
 
 from flows.diagnose_connections import diagnose_connections
+from flows.diagnose_latency import diagnose_latency
 from flows.diagnose_queue_backlog import diagnose_queue_backlog
 from flows.diagnose_redis_memory import diagnose_redis_memory
 from sandbox import conditions
+from tasks import kubernetes as k8s
 from tests.helpers import read_artifacts, start_in_thread, wait_for_paused_run
-from tests.release_helpers import live
+from tests.release_helpers import image_of, kinds_of, live, wait_settled
 
 APPROVE = {"approve": True, "approver": "ada", "reason": "INC-42"}
 REJECT = {"approve": False, "approver": "ada", "reason": "not now"}
@@ -264,3 +266,87 @@ def test_no_backlog_no_proposal(platform, kube):
     diagnosis = diagnose_queue_backlog(remediate=True)  # nothing to approve: no pause
     assert diagnosis.proposals == [] and diagnosis.carried_out is None
     assert kube.writes == []
+
+
+# --- latency ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def slow_api(platform, kube):
+    """The backend answering /health in 0.7 s and /health/ready with a 503 in 0.7 s,
+    under traffic; and one slow statement in pg_stat_statements."""
+    backend = platform.backend
+    backend.delay_seconds["/health"] = backend.delay_seconds["/health/ready"] = 0.7
+    backend.force_status["/health/ready"] = 503
+    with psycopg.connect(platform.postgres.dsn) as db:
+        db.execute("SELECT pg_sleep(0.3)")
+    traffic = [
+        conditions.send_traffic(backend.url, "/health", concurrency=3),
+        conditions.send_traffic(backend.url, "/health/ready", concurrency=1),
+    ]
+    try:
+        yield backend
+    finally:
+        for t in traffic:
+            t.undo()
+        backend.reset()
+
+
+def test_latency_evidence_and_approved_scale(platform, kube, slow_api):
+    replicas = live(kube, "backend")["spec"]["replicas"]
+    run = start_in_thread(diagnose_latency, sample_seconds=2, remediate=True)
+    plan, state = decide("diagnose-latency", run, APPROVE)
+
+    assert state.is_completed(), state.message
+    evidence = state.result().evidence
+    assert 0.5 < evidence["p99_seconds"] <= 1.0  # the 0.7 s answers, from the histogram
+    assert 0.1 < evidence["error_rate"] < 0.5  # the 503s of /health/ready: 1 client of 4
+    assert "no Prometheus" in evidence["source"]
+    [sleep] = [s for s in evidence["slow_statements"] if "pg_sleep" in s["query"]]
+    assert float(sleep["mean ms"]) >= 300  # mean_exec_time, read from pg_stat_statements
+    assert "CPU not measured" in plan
+    wanted = replicas + (replicas + 1) // 2
+    assert f"from {replicas} to {wanted} replicas" in plan
+    assert live(kube, "backend")["spec"]["replicas"] == wanted
+    assert kinds_of(kube.writes) == ["scale"]
+
+
+def test_latency_after_a_recent_deploy_proposes_the_rollback_runbook(platform, kube, slow_api):
+    before = image_of(kube, "backend")
+    k8s.set_deployment_image.fn("backend", "backend", "complianceagent/backend:1.5.0-slow")
+    wait_settled(kube, "backend")
+    kube.clear_writes()
+
+    run = start_in_thread(diagnose_latency, sample_seconds=2, remediate=True)
+    # The rollback runbook pauses with its own plan: current → target revision and image.
+    paused = wait_for_paused_run("rollback")
+    plan = read_artifacts(paused.id)["approval-plan"].data
+    assert "1.5.0-slow" in plan and before in plan
+    slow_api.reset()  # the slowness goes with the rollback: its health check passes
+    resume_flow_run(paused.id, run_input=APPROVE)
+    state = run.join()
+
+    assert state.is_completed(), state.message
+    assert state.result().carried_out["proposal"] == "rollback"
+    assert image_of(kube, "backend") == before
+    assert "scale" not in kinds_of(kube.writes)  # only the approved proposal
+
+
+def test_latency_rejected_rollback_then_rejected_scale_changes_nothing(platform, kube, slow_api):
+    k8s.set_deployment_image.fn("backend", "backend", "complianceagent/backend:1.5.0-slow")
+    wait_settled(kube, "backend")
+    kube.clear_writes()
+
+    run = start_in_thread(diagnose_latency, sample_seconds=2, remediate=True)
+    rollback_run = wait_for_paused_run("rollback")
+    resume_flow_run(rollback_run.id, run_input=REJECT)
+    _, state = decide("diagnose-latency", run, REJECT)
+
+    assert state.is_failed() and "every proposal was rejected" in state.message
+    assert kube.writes == []
+    assert image_of(kube, "backend") == "complianceagent/backend:1.5.0-slow"
+
+
+def test_latency_bad_input_refused(platform):
+    with pytest.raises(ParameterTypeError, match="sample_seconds"):
+        diagnose_latency(sample_seconds=0.1)
