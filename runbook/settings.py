@@ -210,6 +210,30 @@ class PlatformSettings(BaseSettings):
         "ago is a late copy of the old notification and opens nothing.",
     )
 
+    # --- Diagnostics (Common Issues) ------------------------------------------------
+    prometheus_url: AnyHttpUrl | None = Field(
+        None,
+        description="Prometheus server (its HTTP API) for p99 and error rate. Unset: "
+        "diagnose-latency scrapes the backend's /metrics twice and says so.",
+    )
+    redis_broker_db: int = Field(
+        0, ge=0, le=15, description="Redis database of the Celery broker (never flushed)."
+    )
+    redis_cache_db: int = Field(
+        0,
+        ge=0,
+        le=15,
+        description="Redis database of the application's cache, where diagnose-redis-memory "
+        "may delete keys (broker keys are never deleted, even when it is the broker's).",
+    )
+    celery_queues: list[str] = Field(
+        default_factory=lambda: ["celery"],
+        min_length=1,
+        max_length=50,
+        description='Celery queue names as JSON (["celery"]); their priority lists '
+        "(queue + \\x06\\x16 + 3/6/9) are counted too.",
+    )
+
     def deployment_name(self, component: str) -> str:
         """The Deployment of a component as the runbook names it (`backend`, `frontend`,
         `celery-workers`) on this platform."""

@@ -278,6 +278,11 @@ class Sandbox(Service):
                         f"INSERT INTO {table} ({column}) VALUES (%s)",  # noqa: S608 (fixed names)
                         rows,
                     )
+        # pg_stat_statements for diagnose-latency, in the maintenance database: the view is
+        # cluster-wide, and the application database's dumps then carry no extension only a
+        # superuser may create (the restore runs as the application role).
+        with psycopg.connect(self.postgres.admin_dsn, autocommit=True) as admin:
+            admin.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         # moto keeps its state per process: a second sandbox in one process (the benchmark
         # suites run one after another) must not meet the first one's bucket and secret.
         self.moto.reset()
@@ -490,6 +495,8 @@ class Sandbox(Service):
             # Where each Certificate is served; its first dnsName is what TLS verifies.
             "RUNBOOK_TLS_ENDPOINTS": json.dumps({TLS_CERTIFICATE: self.tls_address}),
             "RUNBOOK_ALERTMANAGER_URL": self.alertmanager.url,
+            # The cache in its own Redis database; the Celery broker keeps db 0.
+            "RUNBOOK_REDIS_CACHE_DB": "1",
             "AWS_ACCESS_KEY_ID": "sandbox",
             "AWS_SECRET_ACCESS_KEY": "sandbox",
             "AWS_DEFAULT_REGION": AWS_REGION,

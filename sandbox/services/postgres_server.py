@@ -234,6 +234,8 @@ class PostgresServer(ServerProcess):
             "unix_socket_directories": f"'{self._tmp}'",
             "max_connections": str(self.max_connections),
             "shared_buffers": "'32MB'",
+            # The latency diagnosis reads pg_stat_statements (CREATE EXTENSION at seed).
+            "shared_preload_libraries": "'pg_stat_statements'",
             # Speed over durability: the cluster dies with the test session anyway.
             "fsync": "off",
             "synchronous_commit": "off",

@@ -1,0 +1,125 @@
+"""Runbook > Common Issues > Database Connection Pool Exhaustion ("too many connections").
+
+    SELECT state, count(*) FROM pg_stat_activity GROUP BY state;
+    SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+      WHERE state = 'idle' AND query_start < now() - interval '10 minutes';
+
+`diagnose-connections` reads pg_stat_activity (client backends by state vs
+max_connections minus the superuser reserve) and publishes it as evidence. It proposes
+ending only client backends idle — or idle in a transaction, the worst holders, which the
+page's query misses — for longer than `idle_minutes` since they went idle; never our own
+session, a superuser's or a replication role's (`runbook.decisions.diagnostics_connections`).
+The plan lists every pid with its user, application, client and idle time. With
+`remediate` and an approval it ends exactly those pids, each only if it is still the same
+session (same backend_start) and still idle, and reports what was ended and what was left.
+
+No lock is taken: ending a session is checked against its identity in the same statement,
+so two runs cannot end anything twice or wrongly, and a lock on the database would make
+this emergency remedy wait behind an hour-long backup. Raising `max_connections` (the
+page's step 2) needs a restart and is left to the evidence, not proposed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Annotated, Any
+
+from prefect import flow
+from pydantic import Field
+
+from flows.diagnosis import offer, publish_evidence
+from runbook.decisions.diagnostics import Diagnosis, Proposal, human_seconds
+from runbook.decisions.diagnostics_connections import (
+    Session,
+    connection_usage,
+    propose_terminations,
+    sessions_to_end,
+)
+from runbook.report import markdown_table
+from runbook.settings import load_settings
+from tasks.approval import ApprovalDecision
+from tasks.postgres_diagnostics import read_connection_limits, read_sessions, terminate_sessions
+
+
+@flow(name="diagnose-connections", flow_run_name="diagnose-connections")
+def diagnose_connections(
+    idle_minutes: Annotated[float, Field(ge=0.05, le=1440)] = 10,
+    remediate: bool = False,
+) -> Diagnosis:
+    """Diagnose connection pool exhaustion; propose ending long-idle client sessions.
+
+    Args:
+        idle_minutes: A client session idle (or idle in a transaction) for longer than
+            this is proposed for termination (0.05-1440 minutes).
+        remediate: After the evidence, offer the proposal for approval and carry it out
+            if approved. Off: evidence and proposals only, nothing changes.
+    """
+    database = load_settings().database_name
+    threshold = idle_minutes * 60
+
+    # 1. Evidence: every session in pg_stat_activity, and the connection limits.
+    sessions = [Session.from_row(row) for row in read_sessions()]
+    limits = read_connection_limits()
+
+    # 2. Judge: usage by state vs max_connections; which sessions may be ended.
+    usage = connection_usage(
+        sessions, limits["max_connections"], limits["superuser_reserved_connections"]
+    )
+    chosen, spared = sessions_to_end(sessions, threshold)
+    proposal = propose_terminations(chosen, threshold, database, usage)
+    diagnosis = Diagnosis(
+        issue="connections",
+        level=usage.level,
+        summary=f"{usage.summary}; {len(chosen)} client sessions idle over "
+        f"{human_seconds(threshold)}",
+        evidence={
+            "by_state": usage.by_state,
+            "total": usage.total,
+            "max_connections": usage.max_connections,
+            "reserved": usage.reserved,
+            "percent": round(usage.percent, 1),
+            "idle_over_threshold": [_row(s) for s in chosen],
+            "spared": [{**_row(s), "why": why} for s, why in spared],
+        },
+        proposals=[proposal] if proposal else [],
+    )
+
+    # 3. Publish the evidence.
+    publish_evidence(
+        diagnosis,
+        [
+            ("Client connections by state", markdown_table([usage.by_state])),
+            (
+                "Idle longer than the threshold",
+                markdown_table(diagnosis.evidence["idle_over_threshold"]),
+            ),
+            ("Idle but never ended", markdown_table(diagnosis.evidence["spared"])),
+        ],
+    )
+
+    # 4. With remediate: approval, then end exactly the listed sessions.
+    if remediate and diagnosis.proposals:
+        diagnosis = replace(diagnosis, carried_out=offer(diagnosis.proposals, _end_sessions))
+    return diagnosis
+
+
+def _row(s: Session) -> dict[str, Any]:
+    return {
+        "pid": s.pid,
+        "user": s.user,
+        "application": s.application,
+        "client": s.client,
+        "state": s.state,
+        "idle": human_seconds(s.idle_seconds or 0),
+        "backend_start": s.backend_start,
+    }
+
+
+def _end_sessions(proposal: Proposal, decision: ApprovalDecision | None) -> dict[str, Any]:
+    planned = proposal.action["sessions"]
+    result = terminate_sessions(planned, len(planned))
+    ended, skipped = result["terminated"], result["skipped"]
+    summary = f"ended {len(ended)} of {len(planned)} sessions" + (
+        f"; left {', '.join(f'{pid} ({why})' for pid, why in skipped.items())}" if skipped else ""
+    )
+    return {"summary": summary, "terminated": ended, "skipped": skipped}

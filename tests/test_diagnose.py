@@ -1,0 +1,352 @@
+"""The diagnose-* runbooks against the sandbox, each condition produced for real
+(sandbox/conditions.py): evidence read from the real systems, the proposal, and after an
+approval exactly the approved action — after a rejection, nothing."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+import pytest
+import redis
+from prefect.exceptions import ParameterTypeError
+from prefect.flow_runs import resume_flow_run
+
+from flows.diagnose_connections import diagnose_connections
+from flows.diagnose_latency import diagnose_latency
+from flows.diagnose_queue_backlog import diagnose_queue_backlog
+from flows.diagnose_redis_memory import diagnose_redis_memory
+from sandbox import conditions
+from tasks import kubernetes as k8s
+from tests.helpers import read_artifacts, start_in_thread, wait_for_paused_run
+from tests.release_helpers import image_of, kinds_of, live, wait_settled
+
+APPROVE = {"approve": True, "approver": "ada", "reason": "INC-42"}
+REJECT = {"approve": False, "approver": "ada", "reason": "not now"}
+BROKER_DB, CACHE_DB = 0, 1
+THRESHOLD_MINUTES = 0.1
+
+
+def alive(dsn, pids):
+    with psycopg.connect(dsn) as db:
+        rows = db.execute("SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,))
+        return {r[0] for r in rows.fetchall()}
+
+
+def decide(flow_name, run, answer):
+    paused = wait_for_paused_run(flow_name)
+    plan = read_artifacts(paused.id)["approval-plan"].data
+    resume_flow_run(paused.id, run_input=answer)
+    return plan, run.join()
+
+
+# --- connections ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def idle_sessions(platform):
+    """Three sessions idle in a transaction, two idle and a superuser's idle one, all
+    older than the 6 s threshold, plus a fresh idle one the threshold must spare."""
+    dsn = platform.postgres.dsn
+    with (
+        conditions.hold_idle_connections(dsn, 3, in_transaction=True) as in_tx,
+        conditions.hold_idle_connections(dsn, 2) as idle,
+        conditions.hold_idle_connections(platform.postgres.admin_dsn, 1) as admin,
+    ):
+        time.sleep(THRESHOLD_MINUTES * 60 + 1)
+        with conditions.hold_idle_connections(dsn, 1, application="fresh") as fresh:
+            yield in_tx.pids, idle.pids, fresh.pids, admin.pids
+
+
+def test_connections_evidence_and_rejection_ends_nothing(platform, idle_sessions):
+    in_tx, idle, fresh, _ = idle_sessions
+    run = start_in_thread(diagnose_connections, idle_minutes=THRESHOLD_MINUTES, remediate=True)
+    plan, state = decide("diagnose-connections", run, REJECT)
+
+    assert state.is_failed()
+    assert "nothing was changed" in state.message
+    for pid in in_tx + idle:
+        assert f"pid {pid}:" in plan
+    assert f"pid {fresh[0]}:" not in plan
+    assert alive(platform.postgres.dsn, in_tx + idle + fresh) == set(in_tx + idle + fresh)
+    evidence = read_artifacts(state.state_details.flow_run_id)["diagnosis-connections"].data
+    assert "idle in transaction" in evidence and "of 100 connections in use" in evidence
+
+
+def test_connections_approval_ends_exactly_the_listed_sessions(platform, idle_sessions):
+    in_tx, idle, fresh, _ = idle_sessions
+    dsn = platform.postgres.dsn
+    # One planned session goes away by itself before the approval: it must be reported,
+    # not confused with another session.
+    run = start_in_thread(diagnose_connections, idle_minutes=THRESHOLD_MINUTES, remediate=True)
+    paused = wait_for_paused_run("diagnose-connections")
+    with psycopg.connect(dsn) as db:
+        # Our own session (the test's) is busy, so never a candidate; end one held one.
+        db.execute("SELECT pg_terminate_backend(%s)", (idle[0],))
+    resume_flow_run(paused.id, run_input=APPROVE)
+    state = run.join()
+
+    assert state.is_completed(), state.message
+    diagnosis = state.result()
+    assert diagnosis.evidence["by_state"]["idle in transaction"] >= 3
+    done = diagnosis.carried_out
+    assert sorted(done["terminated"]) == sorted(in_tx + idle[1:])
+    assert done["skipped"] == {str(idle[0]): "already gone"}
+    assert alive(dsn, in_tx + idle) == set()
+    assert alive(dsn, fresh) == set(fresh)  # idle for less than the threshold
+
+
+def test_connections_never_propose_superuser_sessions(platform, idle_sessions):
+    *_, admin = idle_sessions
+    diagnosis = diagnose_connections(idle_minutes=THRESHOLD_MINUTES)
+    proposed = {s["pid"] for s in diagnosis.proposals[0].action["sessions"]}
+    assert admin[0] not in proposed
+    spared = {s["pid"]: s["why"] for s in diagnosis.evidence["spared"]}
+    assert spared[admin[0]] == "superuser session"
+    assert diagnosis.carried_out is None  # remediate off: nothing done
+    assert alive(platform.postgres.dsn, list(proposed)) == proposed
+
+
+@pytest.mark.parametrize("minutes", [0, -1, 1441, "ten"])
+def test_connections_bad_threshold_refused_before_any_query(platform, minutes):
+    with pytest.raises(ParameterTypeError, match="idle_minutes"):
+        diagnose_connections(idle_minutes=minutes)
+
+
+# --- Redis memory -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def full_redis(platform):
+    url = platform.redis.url
+    backlog = conditions.push_celery_backlog(url, BROKER_DB, count=2000)
+    filled = conditions.fill_redis(url, CACHE_DB, keys=20, value_bytes=256 * 1024)
+    try:
+        yield filled, backlog
+    finally:
+        filled.undo()
+        backlog.undo()
+
+
+def redis_state(url):
+    broker = conditions.redis_client(url, BROKER_DB)
+    cache = conditions.redis_client(url, CACHE_DB)
+    try:
+        return {
+            "celery": broker.llen("celery"),
+            "binding": broker.smembers("_kombu.binding.celery"),
+            "cache_keys": sorted(k.decode() for k in cache.keys("cache:report:*")),
+            "maxmemory": int(cache.config_get("maxmemory")["maxmemory"]),
+        }
+    finally:
+        broker.close()
+        cache.close()
+
+
+def test_redis_full_is_diagnosed_and_a_rejection_changes_nothing(platform, full_redis):
+    filled, _ = full_redis
+    client = conditions.redis_client(platform.redis.url, CACHE_DB)
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        client.set("cache:new", b"x" * 200_000)  # the condition is real
+    client.close()
+    before = redis_state(platform.redis.url)
+
+    run = start_in_thread(diagnose_redis_memory, remediate=True)
+    first, _ = decide_first("diagnose-redis-memory", REJECT)
+    plan, state = decide("diagnose-redis-memory", run, REJECT)
+
+    assert "Delete" in first and "cache:report:" in first
+    assert "celery" not in first.replace("Celery broker", "")  # no broker key listed
+    assert "Raise Redis maxmemory" in plan and str(filled.maxmemory) in plan
+    assert state.is_failed() and "every proposal was rejected" in state.message
+    assert redis_state(platform.redis.url) == before
+    evidence = read_artifacts(state.state_details.flow_run_id)["diagnosis-redis-memory"].data
+    assert "noeviction" in evidence and "critical" in evidence
+
+
+def decide_first(flow_name, answer):
+    paused = wait_for_paused_run(flow_name)
+    plan = read_artifacts(paused.id)["approval-plan"].data
+    resume_flow_run(paused.id, run_input=answer)
+    return plan, paused
+
+
+def test_redis_approval_deletes_only_the_listed_cache_keys(platform, full_redis):
+    before = redis_state(platform.redis.url)
+    run = start_in_thread(diagnose_redis_memory, remediate=True)
+    _, state = decide("diagnose-redis-memory", run, APPROVE)
+
+    assert state.is_completed(), state.message
+    diagnosis = state.result()
+    planned = diagnosis.proposals[0].action["keys"]
+    assert diagnosis.proposals[0].action["db"] == CACHE_DB
+    assert 0 < len(planned) < len(before["cache_keys"])
+    assert diagnosis.carried_out["deleted"] == len(planned)
+    after = redis_state(platform.redis.url)
+    assert after["cache_keys"] == sorted(set(before["cache_keys"]) - set(planned))
+    assert after["celery"] == before["celery"] == 2000  # broker queue intact
+    assert after["binding"] == before["binding"] and after["binding"]
+    assert after["maxmemory"] == before["maxmemory"]  # the other proposal not carried out
+    client = conditions.redis_client(platform.redis.url, CACHE_DB)
+    assert client.set("cache:new", b"x" * 10_000)  # writes work again
+    client.delete("cache:new")
+    client.close()
+
+
+def test_redis_raise_maxmemory_after_rejecting_the_deletion(platform, full_redis):
+    filled, _ = full_redis
+    before = redis_state(platform.redis.url)
+    run = start_in_thread(diagnose_redis_memory, remediate=True)
+    decide_first("diagnose-redis-memory", REJECT)
+    _, state = decide("diagnose-redis-memory", run, APPROVE)
+
+    assert state.is_completed(), state.message
+    raised = state.result().carried_out["maxmemory"]
+    assert raised > filled.maxmemory and raised % (1024 * 1024) == 0
+    after = redis_state(platform.redis.url)
+    assert after["maxmemory"] == raised
+    assert after["cache_keys"] == before["cache_keys"]  # nothing deleted
+
+
+@pytest.mark.parametrize(
+    ("parameters", "field"),
+    [({"max_keys_scanned": 5}, "max_keys_scanned"), ({"key_pattern": ""}, "key_pattern")],
+)
+def test_redis_bad_input_refused(platform, parameters, field):
+    with pytest.raises(ParameterTypeError, match=field):
+        diagnose_redis_memory(**parameters)
+
+
+# --- queue backlog ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def backlog(platform, kube):
+    url = platform.redis.url
+    made = conditions.push_celery_backlog(url, BROKER_DB, count=1500)
+    conditions.push_celery_backlog(url, BROKER_DB, count=300, priority=9, into=made)
+    stuck = conditions.add_unacked(made, age_seconds=7200, task="app.workers.export")
+    try:
+        yield made, stuck
+    finally:
+        made.undo()
+
+
+def test_backlog_evidence_and_approved_scale(platform, kube, backlog):
+    _, stuck_tag = backlog
+    replicas = live(kube, "celery-workers")["spec"]["replicas"]
+
+    run = start_in_thread(diagnose_queue_backlog, tasks_per_worker=100, remediate=True)
+    plan, state = decide("diagnose-queue-backlog", run, APPROVE)
+
+    assert state.is_completed(), state.message
+    diagnosis = state.result()
+    assert diagnosis.evidence["lengths"]["celery"] == 1500
+    assert diagnosis.evidence["lengths"]["celery\\x06\\x169"] == 300
+    assert diagnosis.evidence["backlog"] == 1800 and diagnosis.evidence["replicas"] == replicas
+    assert [s["task"] for s in diagnosis.evidence["stuck"]] == ["app.workers.export"]
+    assert f"from {replicas} to 18 replicas" in plan
+    assert live(kube, "celery-workers")["spec"]["replicas"] == 18
+    assert [(w.name, w.subresource) for w in kube.writes] == [("celery-workers", "scale")]
+    broker = conditions.redis_client(platform.redis.url, BROKER_DB)
+    assert broker.hexists("unacked", stuck_tag)  # stuck tasks are reported, never deleted
+    assert broker.llen("celery") == 1500
+    broker.close()
+
+
+def test_backlog_rejection_scales_nothing(platform, kube, backlog):
+    run = start_in_thread(diagnose_queue_backlog, remediate=True)
+    _, state = decide("diagnose-queue-backlog", run, REJECT)
+
+    assert state.is_failed()
+    assert kube.writes == []
+
+
+def test_no_backlog_no_proposal(platform, kube):
+    diagnosis = diagnose_queue_backlog(remediate=True)  # nothing to approve: no pause
+    assert diagnosis.proposals == [] and diagnosis.carried_out is None
+    assert kube.writes == []
+
+
+# --- latency ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def slow_api(platform, kube):
+    """The backend answering /health in 0.7 s and /health/ready with a 503 in 0.7 s,
+    under traffic; and one slow statement in pg_stat_statements."""
+    backend = platform.backend
+    backend.delay_seconds["/health"] = backend.delay_seconds["/health/ready"] = 0.7
+    backend.force_status["/health/ready"] = 503
+    with psycopg.connect(platform.postgres.dsn) as db:
+        db.execute("SELECT pg_sleep(0.3)")
+    traffic = [
+        conditions.send_traffic(backend.url, "/health", concurrency=3),
+        conditions.send_traffic(backend.url, "/health/ready", concurrency=1),
+    ]
+    try:
+        yield backend
+    finally:
+        for t in traffic:
+            t.undo()
+        backend.reset()
+
+
+def test_latency_evidence_and_approved_scale(platform, kube, slow_api):
+    replicas = live(kube, "backend")["spec"]["replicas"]
+    run = start_in_thread(diagnose_latency, sample_seconds=2, remediate=True)
+    plan, state = decide("diagnose-latency", run, APPROVE)
+
+    assert state.is_completed(), state.message
+    evidence = state.result().evidence
+    assert 0.5 < evidence["p99_seconds"] <= 1.0  # the 0.7 s answers, from the histogram
+    assert 0.1 < evidence["error_rate"] < 0.5  # the 503s of /health/ready: 1 client of 4
+    assert "no Prometheus" in evidence["source"]
+    [sleep] = [s for s in evidence["slow_statements"] if "pg_sleep" in s["query"]]
+    assert float(sleep["mean ms"]) >= 300  # mean_exec_time, read from pg_stat_statements
+    assert "CPU not measured" in plan
+    wanted = replicas + (replicas + 1) // 2
+    assert f"from {replicas} to {wanted} replicas" in plan
+    assert live(kube, "backend")["spec"]["replicas"] == wanted
+    assert kinds_of(kube.writes) == ["scale"]
+
+
+def test_latency_after_a_recent_deploy_proposes_the_rollback_runbook(platform, kube, slow_api):
+    before = image_of(kube, "backend")
+    k8s.set_deployment_image.fn("backend", "backend", "complianceagent/backend:1.5.0-slow")
+    wait_settled(kube, "backend")
+    kube.clear_writes()
+
+    run = start_in_thread(diagnose_latency, sample_seconds=2, remediate=True)
+    # The rollback runbook pauses with its own plan: current → target revision and image.
+    paused = wait_for_paused_run("rollback")
+    plan = read_artifacts(paused.id)["approval-plan"].data
+    assert "1.5.0-slow" in plan and before in plan
+    slow_api.reset()  # the slowness goes with the rollback: its health check passes
+    resume_flow_run(paused.id, run_input=APPROVE)
+    state = run.join()
+
+    assert state.is_completed(), state.message
+    assert state.result().carried_out["proposal"] == "rollback"
+    assert image_of(kube, "backend") == before
+    assert "scale" not in kinds_of(kube.writes)  # only the approved proposal
+
+
+def test_latency_rejected_rollback_then_rejected_scale_changes_nothing(platform, kube, slow_api):
+    k8s.set_deployment_image.fn("backend", "backend", "complianceagent/backend:1.5.0-slow")
+    wait_settled(kube, "backend")
+    kube.clear_writes()
+
+    run = start_in_thread(diagnose_latency, sample_seconds=2, remediate=True)
+    rollback_run = wait_for_paused_run("rollback")
+    resume_flow_run(rollback_run.id, run_input=REJECT)
+    _, state = decide("diagnose-latency", run, REJECT)
+
+    assert state.is_failed() and "every proposal was rejected" in state.message
+    assert kube.writes == []
+    assert image_of(kube, "backend") == "complianceagent/backend:1.5.0-slow"
+
+
+def test_latency_bad_input_refused(platform):
+    with pytest.raises(ParameterTypeError, match="sample_seconds"):
+        diagnose_latency(sample_seconds=0.1)
