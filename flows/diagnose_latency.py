@@ -50,23 +50,21 @@ from tasks.kubernetes import list_deployment_revisions, read_deployment
 from tasks.postgres_diagnostics import read_connection_limits, read_sessions, read_slow_statements
 from tasks.prometheus import query_prometheus, scrape_backend_metrics
 
-# What Prometheus is asked: the page's alert expressions, over the same 5 minutes.
-PROMETHEUS_WINDOW = "5m"
+# What Prometheus is asked: the page's alert expressions, over the window (`[{w}s]`).
 P99_QUERY = (
-    "histogram_quantile(0.99, sum by (le) "
-    f"(rate(http_request_duration_seconds_bucket[{PROMETHEUS_WINDOW}])))"
+    "histogram_quantile(0.99, sum by (le) (rate(http_request_duration_seconds_bucket[{w}s])))"
 )
 ERROR_QUERY = (
-    f'sum(rate(http_requests_total{{status=~"5.."}}[{PROMETHEUS_WINDOW}])) '
-    f"/ sum(rate(http_requests_total[{PROMETHEUS_WINDOW}]))"
+    'sum(rate(http_requests_total{{status=~"5.."}}[{w}s])) / sum(rate(http_requests_total[{w}s]))'
 )
-REQUESTS_QUERY = f"sum(increase(http_requests_total[{PROMETHEUS_WINDOW}]))"
-CPU_QUERY = '100 * max(component_cpu_usage_ratio{component="backend"})'
+REQUESTS_QUERY = "sum(increase(http_requests_total[{w}s]))"
+CPU_QUERY = '100 * max(component_cpu_usage_ratio{{component="backend"}})'
 
 
 @flow(name="diagnose-latency", flow_run_name="diagnose-latency")
 def diagnose_latency(
     sample_seconds: Annotated[float, Field(ge=1, le=60)] = 5,
+    window_seconds: Annotated[int, Field(ge=10, le=3600)] = 300,
     deploy_window_hours: Annotated[float, Field(gt=0, le=168)] = 6,
     remediate: bool = False,
 ) -> Diagnosis:
@@ -75,6 +73,8 @@ def diagnose_latency(
     Args:
         sample_seconds: Without Prometheus: seconds between the two scrapes of the
             backend's /metrics that p99 and the error rate are computed from (1-60).
+        window_seconds: With Prometheus: the window p99 and the error rate are computed
+            over, as the page's alert rules do (default 5 minutes; 10 s-1 h).
         deploy_window_hours: A backend rollout this recent is a suspect, and rolling it
             back is proposed (hours, up to a week).
         remediate: After the evidence, offer each proposal for approval and carry out the
@@ -84,7 +84,7 @@ def diagnose_latency(
     backend = settings.deployment_name("backend")
 
     # 1. Traffic: p99, 5xx rate and CPU (Prometheus, else two scrapes of /metrics).
-    window = _traffic(settings.prometheus_url is not None, sample_seconds)
+    window = _traffic(settings.prometheus_url is not None, sample_seconds, window_seconds)
 
     # 2. Database: connections by state, and the slowest statements (mean_exec_time).
     usage = connection_usage(
@@ -165,17 +165,18 @@ def _limits() -> dict[str, int]:
     }
 
 
-def _traffic(prometheus: bool, sample_seconds: float) -> TrafficWindow:
-    """p99, error rate and CPU over a window: Prometheus' last 5 minutes, or the API's
-    own histogram between two scrapes `sample_seconds` apart."""
+def _traffic(prometheus: bool, sample_seconds: float, window_seconds: int) -> TrafficWindow:
+    """p99, error rate and CPU over a window: Prometheus' last `window_seconds`, or the
+    API's own histogram between two scrapes `sample_seconds` apart."""
     if prometheus:
+        w = window_seconds
         return TrafficWindow(
-            source=f"Prometheus, last {PROMETHEUS_WINDOW}",
-            seconds=300,
-            requests=query_prometheus(REQUESTS_QUERY) or 0.0,
-            p99_seconds=query_prometheus(P99_QUERY),
-            error_rate=query_prometheus(ERROR_QUERY),
-            cpu_percent=query_prometheus(CPU_QUERY),
+            source=f"Prometheus, last {w} s",
+            seconds=w,
+            requests=query_prometheus(REQUESTS_QUERY.format(w=w)) or 0.0,
+            p99_seconds=query_prometheus(P99_QUERY.format(w=w)),
+            error_rate=query_prometheus(ERROR_QUERY.format(w=w)),
+            cpu_percent=query_prometheus(CPU_QUERY.format(w=w)),
         )
     before = scrape_backend_metrics()
     started = time.monotonic()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import psycopg
 import pytest
 import redis
@@ -292,7 +293,35 @@ def slow_api(platform, kube):
         backend.reset()
 
 
-def test_latency_evidence_and_approved_scale(platform, kube, slow_api):
+@pytest.fixture
+def without_prometheus(monkeypatch):
+    """The platform as it is without Prometheus: diagnose-latency scrapes /metrics itself."""
+    monkeypatch.delenv("RUNBOOK_PROMETHEUS_URL")
+
+
+def test_latency_from_prometheus_over_the_window(platform, kube, slow_api):
+    # Wait until the sandbox's Prometheus (1 s scrapes) has the slow traffic in range.
+    give_up = time.monotonic() + 60
+    while time.monotonic() < give_up:
+        window = httpx.get(
+            f"{platform.env['RUNBOOK_PROMETHEUS_URL']}/api/v1/query",
+            params={"query": "sum(increase(http_requests_total[10s]))"},
+        ).json()["data"]["result"]
+        if window and float(window[0]["value"][1]) > 10:
+            break
+        time.sleep(0.5)
+    state = diagnose_latency(window_seconds=10, return_state=True)
+
+    assert state.is_completed(), state.message
+    evidence = state.result().evidence
+    assert evidence["source"] == "Prometheus, last 10 s"
+    assert 0.5 < evidence["p99_seconds"] <= 1.0  # the 0.7 s answers, by histogram_quantile
+    assert 0.1 < evidence["error_rate"] < 0.5
+    assert evidence["cpu_percent"] is not None  # the backend's CPU gauge, measured
+    assert kube.writes == []  # evidence only: nothing changed without `remediate`
+
+
+def test_latency_evidence_and_approved_scale(platform, kube, slow_api, without_prometheus):
     replicas = live(kube, "backend")["spec"]["replicas"]
     run = start_in_thread(diagnose_latency, sample_seconds=2, remediate=True)
     plan, state = decide("diagnose-latency", run, APPROVE)
@@ -311,7 +340,9 @@ def test_latency_evidence_and_approved_scale(platform, kube, slow_api):
     assert kinds_of(kube.writes) == ["scale"]
 
 
-def test_latency_after_a_recent_deploy_proposes_the_rollback_runbook(platform, kube, slow_api):
+def test_latency_after_a_recent_deploy_proposes_the_rollback_runbook(
+    platform, kube, slow_api, without_prometheus
+):
     before = image_of(kube, "backend")
     k8s.set_deployment_image.fn("backend", "backend", "complianceagent/backend:1.5.0-slow")
     wait_settled(kube, "backend")
@@ -332,7 +363,9 @@ def test_latency_after_a_recent_deploy_proposes_the_rollback_runbook(platform, k
     assert "scale" not in kinds_of(kube.writes)  # only the approved proposal
 
 
-def test_latency_rejected_rollback_then_rejected_scale_changes_nothing(platform, kube, slow_api):
+def test_latency_rejected_rollback_then_rejected_scale_changes_nothing(
+    platform, kube, slow_api, without_prometheus
+):
     k8s.set_deployment_image.fn("backend", "backend", "complianceagent/backend:1.5.0-slow")
     wait_settled(kube, "backend")
     kube.clear_writes()
