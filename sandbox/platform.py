@@ -43,6 +43,9 @@ from sandbox.tls_listener import TLSMaterial
 NAMESPACE = "complianceagent"
 IMAGE_VERSION = "1.4.2"
 BACKEND_IMAGE = "complianceagent/backend"
+# A drill: deploying a version ending in this never becomes ready (ProgressDeadlineExceeded),
+# so a newcomer can watch `deploy` roll itself back from the UI.
+BROKEN_IMAGE_SUFFIX = "-broken"
 API_KEY_SECRET_ID = "complianceagent/api-key"
 # The application role the backend's pods log in as; its password lives in Secrets Manager.
 DATABASE_PASSWORD_SECRET_ID = "complianceagent/database-password"
@@ -236,6 +239,7 @@ class Sandbox(Service):
             self.kube.add_pod_log_source(self._backend_pod_log)
             self._start_monitoring(alertmanager_url=self.alertmanager.url)
             self.seed()
+            self.kube.fail_rollouts_for_image(BROKEN_IMAGE_SUFFIX)
             self._start_backend_pods()
         except BaseException:
             self._stack.close()
@@ -407,6 +411,7 @@ class Sandbox(Service):
             self.metrics.reset()
         self.receiver.clear()
         self.kube.clear_rollout_failures()
+        self.kube.fail_rollouts_for_image(BROKEN_IMAGE_SUFFIX)
         self.kube.clear_certificate_failures()
         self.kube.clear_writes()
 

@@ -125,6 +125,18 @@ def test_failed_rollout_rolls_back_to_the_recorded_revision(platform, kube):
     assert "Deploy of bad failed and was rolled back" in chat.json["text"]
 
 
+def test_the_sandbox_drill_version_fails_and_is_rolled_back(platform, kube):
+    # What the README tells a newcomer to try: a version ending in -broken never gets ready.
+    recorded = image_of(kube, "frontend")
+
+    state = deploy(version="1.5.0-broken", components=["frontend"], return_state=True)
+
+    assert state.is_failed()
+    assert "progress deadline exceeded" in state.message
+    assert image_of(kube, "frontend") == recorded
+    assert kinds_of(deployment_writes(kube, "frontend")) == ["set-image", "restore"]
+
+
 @pytest.mark.slow
 def test_a_later_failure_rolls_back_every_component_already_updated(platform, kube):
     recorded = {n: image_of(kube, n) for n in ("backend", "celery-workers", "frontend")}
