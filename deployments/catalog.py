@@ -31,6 +31,7 @@ class DeploymentSpec:
     parameters: dict[str, Any] = field(default_factory=dict)
     schedules: tuple[dict[str, Any], ...] = ()
     concurrency_limit: int | None = None
+    triggers: tuple[dict[str, Any], ...] = ()
 
     def load_flow(self) -> Flow[..., Any]:
         """Import the entrypoint (`path/to/module.py:function`) and return its flow."""
@@ -64,6 +65,7 @@ def load_catalog(path: Path = PREFECT_YAML) -> list[DeploymentSpec]:
                 parameters=dict(entry.get("parameters") or {}),
                 schedules=tuple(entry.get("schedules") or ()),
                 concurrency_limit=entry.get("concurrency_limit"),
+                triggers=tuple(entry.get("triggers") or ()),
             )
         )
     return specs
@@ -83,4 +85,17 @@ def to_runner_deployment(spec: DeploymentSpec) -> Any:
         parameters=spec.parameters,
         schedules=schedules or None,
         concurrency_limit=spec.concurrency_limit,
+        triggers=_triggers(spec) or None,
     )
+
+
+def _triggers(spec: DeploymentSpec) -> list[Any]:
+    """The yaml's `triggers:` as `prefect deploy` reads them (automations on serve too)."""
+    from prefect.events.schemas.deployment_triggers import DeploymentTriggerTypes
+    from pydantic import TypeAdapter
+
+    adapter: TypeAdapter[Any] = TypeAdapter(DeploymentTriggerTypes)
+    return [
+        adapter.validate_python({"name": f"{spec.name}__automation_{i}", **trigger})
+        for i, trigger in enumerate(spec.triggers, start=1)
+    ]
