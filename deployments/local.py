@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -36,11 +37,12 @@ FAST_RUNNER = {"PREFECT_RUNNER_POLL_FREQUENCY": "1"}
 ALERT_BRIDGE_PORT = 9094
 
 
-def serve_catalog(with_triggers: bool = True) -> None:
+def serve_catalog(schedules: bool = True, without_triggers_of: Sequence[str] = ()) -> None:
     """Serve every prefect.yaml deployment from this process (blocks until stopped).
 
-    `with_triggers=False` leaves out the yaml's event triggers (no automations): for a test
-    session whose own tests post alerts and must not start real incidents with them.
+    A test session serves without schedules (a nightly backup must not start in the middle
+    of a test) and without the triggers of `without_triggers_of` (its own tests post alerts
+    and must not start real incidents with them).
     """
     from dataclasses import replace
 
@@ -48,9 +50,14 @@ def serve_catalog(with_triggers: bool = True) -> None:
 
     from deployments.catalog import load_catalog, to_runner_deployment
 
-    specs = load_catalog()
-    if not with_triggers:
-        specs = [replace(spec, triggers=()) for spec in specs]
+    specs = [
+        replace(
+            spec,
+            schedules=spec.schedules if schedules else (),
+            triggers=() if spec.name in without_triggers_of else spec.triggers,
+        )
+        for spec in load_catalog()
+    ]
     serve(*[to_runner_deployment(spec) for spec in specs], limit=10)
 
 
@@ -150,14 +157,19 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve-only", action="store_true", help="only serve the deployments")
+    parser.add_argument("--no-schedules", action="store_true", help="serve without schedules")
     parser.add_argument(
-        "--no-triggers", action="store_true", help="serve without the alert triggers (tests)"
+        "--no-triggers-of",
+        action="append",
+        default=[],
+        metavar="DEPLOYMENT",
+        help="serve this deployment without its event triggers (repeatable)",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=4200)
     args = parser.parse_args()
     if args.serve_only:
-        serve_catalog(with_triggers=not args.no_triggers)
+        serve_catalog(not args.no_schedules, args.no_triggers_of)
     else:
         run_everything(args.host, args.port)
 

@@ -36,9 +36,11 @@ from runbook.decisions.retention import (
     plan_retention,
     retention_approval,
 )
+from runbook.fault_points import fault_point
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import database_label, load_settings
 from tasks.approval import Plan, request_approval
+from tasks.intent import clear_intent, record_intent
 from tasks.locks import exclusive
 from tasks.notify import announce
 from tasks.postgres import count_rows, create_database, drop_database
@@ -121,10 +123,14 @@ def backup(
             with timer.step("abort stale uploads"):
                 stale = _abort_stale_uploads(bucket, prefix)
 
+            # If this process dies mid-upload, reconcile aborts the upload.
+            undo = [{"kind": "abort-upload", "bucket": bucket, "key": key}]
+            intent = record_intent("backup", [f"database/{database}"], undo)
             # 2. Dump straight into S3, counting rows in pg_dump's own snapshot.
             with timer.step("pg_dump to S3"):
                 manifest = pg_dump_to_s3(bucket, key, backup_id, Compression(compression))
 
+            fault_point("backup: archive stored")
             # 3. Store the manifest: from this moment the backup is complete.
             with timer.step("store manifest"):
                 _store_manifest(bucket, manifest)
@@ -139,6 +145,7 @@ def backup(
                 entries = catalogue(list_objects(bucket, prefix), prefix)
                 retention = plan_retention(entries, keep_daily, keep_weekly)
                 beyond = deleted_beyond_defaults(entries, retention)
+            clear_intent(intent)
     except BaseException as exc:
         failure = f"Backup {backup_id} of database {database} failed: {exc}"
         create_markdown_artifact(

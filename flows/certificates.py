@@ -49,6 +49,7 @@ from tasks.cert_manager import (
     renew_certificate,
     wait_for_certificate_issuance,
 )
+from tasks.intent import clear_intent, record_intent
 from tasks.locks import exclusive
 from tasks.notify import announce, notify_chat, page_on_call
 from tasks.tls import (
@@ -205,6 +206,10 @@ def cert_renewal(
         with timer.step("approval"):
             decision = request_approval(_plan(namespace, before, endpoint, served_before))
 
+        # One write (Issuing=True): cert-manager completes the issuance without us.
+        note = f"certificate/{certificate}: Issuing=True set; cert-manager issues it"
+        target = f"certificate/{namespace}/{certificate}"
+        intent = record_intent("cert-renewal", [target], [{"kind": "note", "text": note}])
         # 3. cmctl renew: Issuing=True by a status update; the other conditions kept.
         with timer.step("cmctl renew (Issuing=True)"):
             message = f"Manually triggered by {decision.approver}: {decision.reason}"
@@ -234,6 +239,7 @@ def cert_renewal(
             announce(f":rotating_light: {problem}")
             raise CertificateRenewalFailed(problem) from None
 
+    clear_intent(intent)
     # 6. Report.
     summary = (
         f"certificate/{certificate} renewed: revision {before.revision} -> {after.revision}, "

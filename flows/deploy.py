@@ -57,9 +57,11 @@ from runbook.decisions.release import (
     rollback_cause,
 )
 from runbook.decisions.rollout import RolloutOutcome
+from runbook.fault_points import fault_point
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import load_settings
 from tasks.approval import Plan, request_approval
+from tasks.intent import clear_intent, record_intent
 from tasks.kubernetes import (
     list_deployment_revisions,
     read_deployment,
@@ -220,6 +222,11 @@ def deploy(
 
         touched: list[ImageChange] = []
         after: dict[str, int] = {}
+        # Recorded outside this process before the first write: if it dies, reconcile
+        # puts each component back on its recorded revision.
+        intent = record_intent(
+            "deploy", [f"deployment/{n}" for n in names.values()], _undo(changes)
+        )
         try:
             # 3. Set each image and watch its rollout, in order.
             for change in changes:
@@ -227,6 +234,7 @@ def deploy(
                 touched.append(change)
                 with timer.step(f"set image and roll out deployment/{change.recorded.deployment}"):
                     after[change.recorded.deployment] = roll_out(change).revision
+                fault_point(f"deploy: rolled out {change.recorded.deployment}")
 
             # 4. Verify health.
             with timer.step("verify health"):
@@ -245,6 +253,7 @@ def deploy(
             # Cancelled or terminated mid-deploy: undo, then let the run stop.
             put_back_while_stopping(touched, version)
             raise
+        clear_intent(intent)
 
     # 6. Done: report before/after and tell chat.
     rows = _rows(changes, after)
@@ -255,6 +264,18 @@ def deploy(
     announce(f":rocket: {summary}")
     logger.info(summary)
     return rows
+
+
+def _undo(changes: Sequence[ImageChange]) -> list[dict[str, Any]]:
+    return [
+        {
+            "kind": "revision",
+            "deployment": c.recorded.deployment,
+            "revision": c.recorded.revision,
+            "image": c.recorded.image,
+        }
+        for c in changes
+    ]
 
 
 def _plan(version: str, changes: Sequence[ImageChange]) -> Plan:

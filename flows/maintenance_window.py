@@ -58,11 +58,13 @@ from runbook.decisions.maintenance import (
 )
 from runbook.decisions.migrations import MAINTENANCE_VARIABLE, maintenance_mode_of
 from runbook.decisions.refusal import Refused
+from runbook.fault_points import fault_point
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import load_settings
 from tasks.alertmanager import create_silence, expire_silence
 from tasks.approval import Plan, request_approval
 from tasks.http import check_endpoint, wait_until_drained
+from tasks.intent import clear_intent, record_intent
 from tasks.kubernetes import (
     annotate_deployment,
     read_deployment,
@@ -155,6 +157,12 @@ def maintenance_window(
     )
     leave = Leave(window, backend, container, timer)
     outcome: dict[str, Any] = {}
+    # Recorded outside this process first: if it dies, reconcile switches maintenance off.
+    intent = record_intent(
+        "maintenance-window",
+        [f"deployment/{backend}"],
+        [{"kind": "maintenance-off", "deployment": backend, "container": container}],
+    )
     try:
         # 3. Record the window on the backend Deployment, before anything changes.
         with timer.step("record the window"), exclusive(f"deployment/{backend}"):
@@ -178,6 +186,7 @@ def maintenance_window(
         with timer.step("maintenance mode on"), exclusive(f"deployment/{backend}"):
             leave.entered = True
             _set_maintenance_mode(backend, container, True)
+        fault_point("maintenance-window: maintenance mode on")
 
         # 7. Drain: wait until the backend serves no request (measured, not slept).
         with timer.step("drain"):
@@ -203,6 +212,7 @@ def maintenance_window(
 
     if leave.problems:
         raise WindowNotClosedCleanly(leave.summary())
+    clear_intent(intent)
     return {
         "opened_by": window.opened_by,
         "deadline": window.deadline.isoformat(),

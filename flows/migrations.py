@@ -49,6 +49,7 @@ from runbook.redaction import redact_output
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import load_settings
 from tasks.approval import Plan, request_approval
+from tasks.intent import clear_intent, record_intent
 from tasks.kubernetes import create_job, delete_job, read_deployment, read_job_logs, wait_for_job
 from tasks.locks import exclusive
 from tasks.notify import announce
@@ -136,7 +137,12 @@ def migrations(
 
     # 4. Run it, holding the database's lock; a finished Job is deleted.
     with timer.step(f"run job/{job.name}"), exclusive(f"database/{database}"):
+        # If this process dies, reconcile reports the Job (never deletes a running one).
+        undo = [{"kind": "report-job", "job": job.name}]
+        intent = record_intent("migrations", [f"database/{database}"], undo)
         outcome, logs = run_job(body, deadline_seconds)
+    if outcome.finished:
+        clear_intent(intent)  # a Job left running stays recorded until reconcile sees it end
 
     # 5. Report the logs and `alembic current`.
     current = alembic_current(logs) if outcome.succeeded else None

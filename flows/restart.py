@@ -29,6 +29,7 @@ from runbook.decisions.deployment import deployment_view
 from runbook.decisions.release import Component
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import load_settings
+from tasks.intent import clear_intent, record_intent
 from tasks.kubernetes import restart_deployment
 from tasks.locks import exclusive
 from tasks.notify import announce
@@ -68,6 +69,9 @@ def restart(
     revision: int | None = None
 
     with exclusive(f"deployment/{name}"):
+        # One write (restartedAt): a dead run leaves the rollout to the controller.
+        note = f"deployment/{name} restartedAt stamped: the controller finishes the rollout"
+        intent = record_intent("restart", [f"deployment/{name}"], [{"kind": "note", "text": note}])
         try:
             # 1. Stamp restartedAt on the pod template and watch the new pods roll out.
             with timer.step(f"rollout restart deployment/{name}"):
@@ -83,6 +87,7 @@ def restart(
             announce(f":rotating_light: {problem}")
             raise RestartFailed(problem) from None
 
+    clear_intent(intent)
     # 3. Report.
     summary = f"deployment/{name} restarted, now revision {revision}; {health}"
     _publish(name, summary, revision, timer)

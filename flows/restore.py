@@ -45,9 +45,11 @@ from runbook.decisions.restore import (
     plan_restore,
     volume_capacity,
 )
+from runbook.fault_points import fault_point
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import database_label, load_settings
 from tasks.approval import Plan, request_approval
+from tasks.intent import recorded_intent
 from tasks.kubernetes import (
     read_deployment_scale,
     read_statefulset,
@@ -160,7 +162,10 @@ def restore(
             request_approval(Plan(plan.title, plan.target, plan.steps, plan.facts))
 
         # 6. Restore into a scratch database beside the live one; writers keep running.
-        with scratch_database(plan.scratch, database, outcome):
+        with (
+            recorded_intent("restore", locks, _undo(plan, database)),
+            scratch_database(plan.scratch, database, outcome),
+        ):
             with timer.step(f"pg_restore into {plan.scratch}"):
                 pg_restore_from_s3(
                     bucket,
@@ -197,6 +202,16 @@ def restore(
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _undo(plan: RestorePlan, database: str) -> list[dict[str, Any]]:
+    """What reconcile puts back if this run dies: the live database accepting connections,
+    the scratch copy dropped (gone once swapped in), the writers at their counts."""
+    return [
+        {"kind": "allow-connections", "database": database},
+        {"kind": "drop-database", "database": plan.scratch},
+        *({"kind": "scale", "deployment": n, "replicas": r} for n, r in plan.replicas.items()),
+    ]
 
 
 # --- what undoes itself ---------------------------------------------------------------------
@@ -246,6 +261,7 @@ def writers_stopped(
             for name in replicas:
                 outcome.stopped.append(name)  # before the call: it may apply and still fail
                 scale_deployment(name, 0)
+        fault_point("restore: writers stopped")
         yield
     except BaseException:
         _scale_back(replicas, outcome, timer)

@@ -34,6 +34,7 @@ from runbook.decisions.release import (
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import load_settings
 from tasks.approval import Plan, request_approval
+from tasks.intent import clear_intent, record_intent
 from tasks.kubernetes import (
     list_deployment_revisions,
     read_deployment,
@@ -105,6 +106,9 @@ def rollback(
         cause = (
             f"rollback to revision {target['revision']} by {decision.approver}: {decision.reason}"
         )
+        # One write (the controller finishes the rollout): a dead run leaves the target.
+        note = f"deployment/{name} set to revision {target['revision']}'s template: kept"
+        intent = record_intent("rollback", [f"deployment/{name}"], [{"kind": "note", "text": note}])
         with timer.step(f"undo to revision {target['revision']} and roll out"):
             restored = deployment_view(restore_pod_template(name, target["template"], cause[:500]))
             deadline = deployment_view(live).progress_deadline_seconds + ROLLOUT_GRACE_SECONDS
@@ -131,6 +135,7 @@ def rollback(
                     announce(f":rotating_light: {problem}")
                     raise RollbackFailed(problem) from None
 
+    clear_intent(intent)
     # 5. Report.
     summary = (
         f"deployment/{name} rolled back from revision {current['revision']} "

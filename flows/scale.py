@@ -34,9 +34,11 @@ from runbook.decisions.scaling import (
     hpa_note,
     judge_scale,
 )
+from runbook.fault_points import fault_point
 from runbook.report import markdown_table
 from runbook.settings import load_settings
 from tasks.approval import Plan, request_approval
+from tasks.intent import clear_intent, record_intent
 from tasks.kubernetes import (
     apply_horizontal_pod_autoscaler,
     read_deployment_scale,
@@ -99,17 +101,29 @@ def scale(
             )
 
         # 4. Scale, and wait for the replicas to be available.
+        intent = record_intent("scale", [f"deployment/{name}"], _note(name, current, replicas))
         after = scale_deployment(name, replicas)
+        fault_point("scale: scaled")
         if wait:
             outcome = wait_for_rollout(name, 0, SCALE_DEADLINE_SECONDS)
             if not outcome.complete:
                 raise RuntimeError(f"scaling deployment/{name} failed: {outcome.reason}")
+        clear_intent(intent)
 
     # 5. Report.
     summary = f"deployment/{name} scaled from {current} to {after} replicas ({verdict.reason})"
     _publish(name, summary, current, after, note)
     logger.info(summary)
     return {"deployment": name, "before": current, "after": after}
+
+
+_AUTOSCALE_NOTE = {"kind": "note", "text": "HPA applied in one write: kept"}
+
+
+def _note(name: str, before: int, replicas: int) -> list[dict[str, Any]]:
+    # One atomic write, the change asked for: nothing to put back if the run dies after it.
+    text = f"deployment/{name} scaled from {before} to {replicas} (one write: kept)"
+    return [{"kind": "note", "text": text}]
 
 
 def _publish(name: str, summary: str, before: int, after: int, note: str) -> None:
@@ -153,9 +167,11 @@ def autoscale(
         # 2. Compare with the live HPA: apply only what differs (idempotent).
         existing = read_horizontal_pod_autoscaler(desired["metadata"]["name"])
         drift = hpa_drift(desired, existing)
-        # 3. Apply it.
+        # 3. Apply it (one write: a dead run leaves the policy asked for).
         if drift:
+            intent = record_intent("autoscale", [f"deployment/{name}"], [_AUTOSCALE_NOTE])
             apply_horizontal_pod_autoscaler(desired)
+            clear_intent(intent)
 
     # 4. Report.
     verb = ("created" if existing is None else "updated") if drift else "already up to date"

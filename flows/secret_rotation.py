@@ -42,10 +42,12 @@ from pydantic import Field
 from flows.deploy import verify_health
 from flows.restart import restart_deployments
 from runbook.decisions.secrets import KeyCheck, SecretName, rotation_token, stages_of
+from runbook.fault_points import fault_point
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import MissingSetting, PlatformSettings, load_settings
 from tasks.approval import Plan, request_approval
 from tasks.http import status_with_api_key
+from tasks.intent import clear_intent, record_intent
 from tasks.locks import exclusive_all
 from tasks.notify import announce
 from tasks.postgres_roles import alter_role_password, log_in_as
@@ -118,16 +120,20 @@ def secret_rotation(
         if stages.current is None:
             raise RotationFailed(f"{target.secret_id} has no AWSCURRENT version to rotate")
         progress = Progress(old=stages.current)
+        token = rotation_token(str(flow_run.id), target.secret_id)
 
         # 2. Approval in production.
         if settings.environment == "production":
             with timer.step("approval"):
                 request_approval(_plan(target, stages.current, workloads))
 
+        # If this process dies, reconcile removes AWSPENDING and puts AWSCURRENT back.
+        intent = record_intent(
+            "secret-rotation", locks, _intent_undo(target, progress.old, token, workloads)
+        )
         try:
             # 3. createSecret: a new value as AWSPENDING, its version id derived from the run.
             with timer.step("createSecret (AWSPENDING)"):
-                token = rotation_token(str(flow_run.id), target.secret_id)
                 progress.new = create_pending_version(target.secret_id, token, secret)
             # 4. setSecret: the database password is changed on the role (API key: nothing).
             if target.role:
@@ -143,6 +149,7 @@ def secret_rotation(
                 progress.finishing = True
                 move_current_stage(target.secret_id, progress.new, progress.old)
                 remove_pending_stage(target.secret_id, progress.new)
+            fault_point("secret-rotation: finishSecret done")
             # 7. Restart backend and celery-workers so their pods load it; wait for both.
             with timer.step("rollout restart " + ", ".join(workloads)):
                 progress.revisions = restart_deployments(workloads)
@@ -162,6 +169,7 @@ def secret_rotation(
                 raise  # a cancellation stays a cancellation
             raise RotationFailed(summary) from None
 
+    clear_intent(intent)
     # 10. Report and tell chat.
     summary = (
         f"{target.secret_id} rotated: AWSCURRENT is version {progress.new} (AWSPREVIOUS "
@@ -171,6 +179,13 @@ def secret_rotation(
     announce(f":key: {summary}")
     logger.info(summary)
     return {"secret_id": target.secret_id, "current": progress.new, "previous": progress.old}
+
+
+def _intent_undo(
+    target: RotationTarget, old: str, token: str, workloads: list[str]
+) -> list[dict[str, Any]]:
+    step = {"kind": "secret-stages", "secret_id": target.secret_id, "previous": old}
+    return [{**step, "pending": token, "role": target.role, "restart": workloads}]
 
 
 def _value(target: RotationTarget, version_id: str) -> Any:

@@ -590,3 +590,18 @@ def annotate_deployment(
         {"metadata": {"annotations": annotations}},
     )
     return obj
+
+
+# --- reconcile ----------------------------------------------------------------------------
+
+
+@task(**TRANSIENT_RETRIES)
+def read_job(name: str, namespace: str | None = None) -> JSON | None:
+    """`kubectl get job NAME -o json`, or None if there is none."""
+    ns = _namespace(namespace)
+    try:
+        return _read_job(name, ns)
+    except PlatformCallError as exc:
+        if exc.status == 404:
+            return None
+        raise

@@ -23,6 +23,7 @@ from prefect import task
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from runbook.fault_points import fault_point
 from runbook.settings import load_settings
 from tasks.logs import run_logger
 from tasks.retry_policy import TRANSIENT_RETRIES, PlatformCallError
@@ -213,6 +214,7 @@ def swap_databases(live: str, scratch: str, keep_as: str, wait_seconds: float = 
         conn.execute(
             sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(live))
         )
+        fault_point("restore: connections refused")
         try:
             give_up_at = time.monotonic() + wait_seconds
             while True:
@@ -273,3 +275,22 @@ def read_wal_size() -> int | None:
         except psycopg.errors.InsufficientPrivilege:
             return None
     return int(row[0]) if row else None
+
+
+# --- reconcile (a restore that died between "refuse connections" and the swap) ----------
+
+
+@task(**TRANSIENT_RETRIES, task_run_name="allow connections to database {name}")
+def allow_connections(name: str) -> bool:
+    """`ALTER DATABASE name ALLOW_CONNECTIONS true` if it refuses them: True if it did,
+    False if it already accepted them or does not exist (safe to run twice)."""
+    with _maintenance() as conn:
+        row = conn.execute(
+            "SELECT datallowconn FROM pg_database WHERE datname = %s", (name,)
+        ).fetchone()
+        if row is None or row[0]:
+            return False
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name))
+        )
+    return True

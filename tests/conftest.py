@@ -40,8 +40,15 @@ def sandbox() -> Iterator[Sandbox]:
 
 @pytest.fixture
 def platform(sandbox: Sandbox, prefect_server: None) -> Sandbox:
-    """The sandbox platform with a clean slate of fault knobs and write records."""
+    """The sandbox platform with a clean slate of fault knobs and write records, and no
+    intent left by an earlier test's run (a reconcile started meanwhile must not act on
+    another test's leftovers)."""
+    from tasks.intent import delete_intent, list_intents
+
     sandbox.reset()
+    intents, _ = list_intents.fn()
+    for intent in intents:
+        delete_intent(intent.run_id)
     return sandbox
 
 
@@ -60,7 +67,15 @@ def served_api(sandbox: Sandbox, prefect_server: None) -> Iterator[str]:
 
     api_url = str(PREFECT_API_URL.value())
     process = subprocess.Popen(
-        [sys.executable, "-m", "deployments.local", "--serve-only", "--no-triggers"],
+        [
+            sys.executable,
+            "-m",
+            "deployments.local",
+            "--serve-only",
+            "--no-schedules",
+            "--no-triggers-of",
+            "incident-response",
+        ],
         env={**os.environ, "PREFECT_API_URL": api_url, **FAST_RUNNER},
         cwd=PROJECT_ROOT,
     )

@@ -1,0 +1,110 @@
+"""Killing a runbook run at a step boundary, as an OOM kill or a lost node would.
+
+The run is started in its own process (`python -c`, against the test's Prefect server and
+sandbox), with `RUNBOOK_TEST_KILL_AT=<step>`: at that boundary it SIGKILLs itself, so no
+`finally` and no undo runs. The process's exit code -9 is checked, then the run is marked
+Crashed with the message Prefect's runner writes when a flow run's process exits that way
+(`Flow run process exited with status code: -9`); that is the state a served or worker-run
+flow reaches by itself, and what the reconcile automation reacts to.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+from uuid import UUID
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+from prefect.client.schemas.filters import (
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.flow_runs import resume_flow_run
+from prefect.settings import PREFECT_API_URL
+from prefect.states import Crashed
+
+from deployments.catalog import PROJECT_ROOT
+from runbook.decisions.intent import VARIABLE_PREFIX, parse_intent, variable_name
+from runbook.fault_points import KILL_AT_VARIABLE
+from tasks.intent import delete_intent
+from tasks.locks import lock_name
+from tests.helpers import wait_for_paused_run
+
+APPROVE = {"approve": True, "approver": "ada", "reason": "CHG-404"}
+
+
+def run_until_killed(
+    module: str,
+    flow: str,
+    flow_name: str,
+    kill_at: str,
+    parameters: dict[str, Any],
+    approve: tuple[str, ...] = (),
+) -> UUID:
+    """Run `module.flow(**parameters)` in a process that dies at `kill_at`; approve the
+    runs named in `approve` on the way. Returns the dead run's id, now Crashed."""
+    code = f"from {module} import {flow}; {flow}(**{parameters!r})"
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), KILL_AT_VARIABLE: kill_at}
+    process = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=PROJECT_ROOT)
+    try:
+        for name in approve:
+            resume_flow_run(wait_for_paused_run(name, timeout=120).id, run_input=APPROVE)
+        code_ = process.wait(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert code_ == -signal.SIGKILL, f"{flow} exited {code_}, not killed at {kill_at!r}"
+    run_id = newest_running(flow_name)
+    with get_client(sync_client=True) as prefect_api:
+        prefect_api.set_flow_run_state(
+            run_id, Crashed(message="Flow run process exited with status code: -9"), force=True
+        )
+    return run_id
+
+
+def newest_running(flow_name: str) -> UUID:
+    with get_client(sync_client=True) as prefect_api:
+        [run] = prefect_api.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
+            ),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=1,
+        )
+    return run.id
+
+
+def recorded_intent_of(run_id: UUID) -> Any:
+    """The run's recorded intent, or None."""
+    with get_client(sync_client=True) as prefect_api:
+        variable = prefect_api.read_variable_by_name(variable_name(str(run_id)))
+    return None if variable is None else parse_intent(variable.value)
+
+
+def clear_all_intents() -> None:
+    """Other tests' failed runs keep their intents (reconcile verifies them): start clean."""
+    with get_client(sync_client=True) as prefect_api:
+        for variable in prefect_api.read_variables(limit=None):
+            if variable.name.startswith(VARIABLE_PREFIX):
+                delete_intent(str(variable.value["run_id"]))
+
+
+def free_leaked_locks(*targets: str) -> None:
+    """A SIGKILLed run's lock leases expire only after Prefect's lease duration (300 s):
+    free them as an operator would (`prefect gcl update NAME --active-slots 0`), so the
+    rest of the session does not wait for them."""
+    with get_client(sync_client=True) as prefect_api:
+        for target in targets:
+            prefect_api.update_global_concurrency_limit(
+                lock_name(target), GlobalConcurrencyLimitUpdate(active_slots=0)
+            )

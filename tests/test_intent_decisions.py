@@ -1,0 +1,115 @@
+"""The intent record and reconcile's decisions, with literal data."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from runbook.decisions.intent import (
+    BadIntent,
+    judge,
+    new_intent,
+    parse_intent,
+    pre_restore_age,
+    pre_restore_to_drop,
+    run_is_dead,
+    secret_repair,
+    variable_name,
+)
+
+NOW = dt.datetime(2026, 11, 20, 12, 0, tzinfo=dt.UTC)
+SCALE_BACK = {"kind": "scale", "deployment": "backend", "replicas": 3}
+
+
+def intent(run_id: str, *targets: str):
+    return new_intent(run_id, "restore", targets, [SCALE_BACK], NOW)
+
+
+def test_the_record_round_trips_through_its_json():
+    recorded = intent("5f0c-AB", "deployment/backend", "database/complianceagent")
+    assert parse_intent(recorded.value()) == recorded
+    assert recorded.targets == ("database/complianceagent", "deployment/backend")
+    assert recorded.variable == variable_name("5f0c-AB") == "runbook-intent-5f0c-ab"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "not an object",
+        {"runbook": "restore"},
+        {"run_id": "1", "runbook": "restore", "undo": [{"kind": "format-disk"}]},
+    ],
+)
+def test_an_unreadable_record_is_refused_saying_why(value):
+    with pytest.raises(BadIntent):
+        parse_intent(value)
+
+
+def test_an_unknown_undo_step_is_refused_when_recorded():
+    with pytest.raises(BadIntent, match="unknown undo step"):
+        new_intent("1", "deploy", [], [{"kind": "revison"}], NOW)
+
+
+@pytest.mark.parametrize(
+    ("state", "dead"),
+    [
+        ("CRASHED", True),
+        ("CANCELLED", True),
+        ("FAILED", True),
+        ("COMPLETED", True),
+        (None, True),  # the server has no such run
+        ("RUNNING", False),
+        ("PAUSED", False),
+        ("CANCELLING", False),
+        ("PENDING", False),
+    ],
+)
+def test_only_a_terminal_or_missing_run_is_dead(state, dead):
+    assert run_is_dead(state) is dead
+
+
+def test_a_dead_runs_intent_is_reconciled_and_a_live_ones_left():
+    dead, alive = intent("dead", "deployment/backend"), intent("alive", "deployment/frontend")
+    judgement = judge([dead, alive], {"dead": "CRASHED", "alive": "PAUSED"})
+    assert judgement.to_reconcile == [dead]
+    [left] = judgement.left
+    assert left.intent == alive and "PAUSED" in left.why
+
+
+def test_a_dead_runs_targets_now_owned_by_a_live_run_are_left_to_it():
+    dead = intent("dead", "deployment/backend", "database/complianceagent")
+    newer = intent("newer", "database/complianceagent")
+    judgement = judge([dead, newer], {"dead": "CRASHED", "newer": "RUNNING"})
+    assert judgement.to_reconcile == []
+    assert "live run newer now owns database/complianceagent" in judgement.left[0].why
+
+
+def test_secret_repair_after_finish_secret_moves_current_back():
+    stages = {"old": ["AWSPREVIOUS"], "new": ["AWSCURRENT", "AWSPENDING"]}
+    repair = secret_repair(stages, previous="old", pending="new")
+    assert repair.move_current_back and repair.remove_pending
+
+
+def test_secret_repair_before_finish_secret_only_removes_pending():
+    stages = {"old": ["AWSCURRENT"], "new": ["AWSPENDING"]}
+    repair = secret_repair(stages, previous="old", pending="new")
+    assert repair.remove_pending and not repair.move_current_back
+
+
+def test_secret_repair_when_already_consistent_does_nothing():
+    stages = {"old": ["AWSCURRENT"], "new": []}
+    repair = secret_repair(stages, previous="old", pending="new")
+    assert not repair.remove_pending and not repair.move_current_back
+
+
+def test_previous_databases_by_age():
+    names = [
+        "complianceagent",
+        "complianceagent_pre_restore_20261101t000000z",
+        "complianceagent_pre_restore_20261119t120000z",
+        "complianceagent_restore_20261119t120000z",
+    ]
+    assert pre_restore_age(names[2], NOW) == dt.timedelta(days=1)
+    assert pre_restore_age(names[0], NOW) is None
+    assert pre_restore_to_drop(names, NOW, keep_days=7) == ([names[1]], [names[2]])
