@@ -91,7 +91,11 @@ def to_runner_deployment(spec: DeploymentSpec) -> Any:
     from prefect.client.schemas.schedules import construct_schedule
 
     schedules = [
-        construct_schedule(**{k: v for k, v in s.items() if k != "active"}) for s in spec.schedules
+        {
+            "schedule": construct_schedule(**{k: v for k, v in s.items() if k != "active"}),
+            "active": s.get("active", True),
+        }
+        for s in spec.schedules
     ]
     return spec.load_flow().to_deployment(
         name=spec.name,

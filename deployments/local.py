@@ -40,9 +40,9 @@ ALERT_BRIDGE_PORT = 9094
 def serve_catalog(schedules: bool = True, without_triggers_of: Sequence[str] = ()) -> None:
     """Serve every prefect.yaml deployment from this process (blocks until stopped).
 
-    A test session serves without schedules (a nightly backup must not start in the middle
-    of a test) and without the triggers of `without_triggers_of` (its own tests post alerts
-    and must not start real incidents with them).
+    A test session serves its schedules inactive (a nightly backup must not start in the
+    middle of a test) and without the triggers of `without_triggers_of` (its own tests post
+    alerts and must not start real incidents with them).
     """
     from dataclasses import replace
 
@@ -53,7 +53,7 @@ def serve_catalog(schedules: bool = True, without_triggers_of: Sequence[str] = (
     specs = [
         replace(
             spec,
-            schedules=spec.schedules if schedules else (),
+            schedules=tuple(s if schedules else {**s, "active": False} for s in spec.schedules),
             triggers=() if spec.name in without_triggers_of else spec.triggers,
         )
         for spec in load_catalog()
@@ -157,7 +157,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve-only", action="store_true", help="only serve the deployments")
-    parser.add_argument("--no-schedules", action="store_true", help="serve without schedules")
+    parser.add_argument(
+        "--schedules-inactive", action="store_true", help="serve with every schedule off"
+    )
     parser.add_argument(
         "--no-triggers-of",
         action="append",
@@ -169,7 +171,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=4200)
     args = parser.parse_args()
     if args.serve_only:
-        serve_catalog(not args.no_schedules, args.no_triggers_of)
+        serve_catalog(not args.schedules_inactive, args.no_triggers_of)
     else:
         run_everything(args.host, args.port)
 

@@ -72,7 +72,7 @@ def served_api(sandbox: Sandbox, prefect_server: None) -> Iterator[str]:
             "-m",
             "deployments.local",
             "--serve-only",
-            "--no-schedules",
+            "--schedules-inactive",
             "--no-triggers-of",
             "incident-response",
         ],
