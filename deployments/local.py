@@ -37,6 +37,11 @@ def serve_catalog() -> None:
     from prefect import serve
 
     from deployments.catalog import load_catalog, to_runner_deployment
+    from runbook.settings import load_settings
+
+    # Refuse to start on settings every run would refuse (RUNBOOK_ENVIRONMENT unset, a bad
+    # value): better no runbooks served than runbooks served with approvals off.
+    load_settings()
 
     deployments = [to_runner_deployment(spec) for spec in load_catalog()]
     serve(*deployments, limit=10)
