@@ -1,6 +1,8 @@
 """`make up`: the whole thing on one machine, one command.
 
-1. a Prefect server on SQLite with its UI on http://127.0.0.1:4200 (state in .local/),
+1. a Prefect server with its UI on http://127.0.0.1:4200: on SQLite (state in .local/),
+   or with `--prefect-db postgres` (`make up PREFECT_DB=postgres`) on a database of its
+   own on the sandbox's real PostgreSQL (state lasts as long as the sandbox),
 2. the sandbox platform (PostgreSQL, Redis, moto, the Kubernetes emulator, the backend
    stand-in, a notification receiver), and
 3. every deployment in prefect.yaml, served by one process with its schedules live,
@@ -70,7 +72,18 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def run_everything(host: str, port: int) -> None:
+def _start_server(host: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+        env=env,
+        cwd=PROJECT_ROOT,
+        # Own session: Ctrl-C reaches only us, and we stop the children in order
+        # (runner, sandbox, then the server the runner reports to).
+        start_new_session=True,
+    )
+
+
+def run_everything(host: str, port: int, prefect_db: str = "sqlite") -> None:
     from sandbox.platform import Sandbox
 
     STATE_DIR.mkdir(exist_ok=True)
@@ -83,18 +96,22 @@ def run_everything(host: str, port: int) -> None:
         "PREFECT_UI_API_URL": api_url,
         **FAST_RUNNER,
     }
-    print("Starting the Prefect server (SQLite in .local/prefect; ~25 s the first time)…")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
-        env=prefect_env,
-        cwd=PROJECT_ROOT,
-        # Own session: Ctrl-C reaches only us, and we stop the children in order
-        # (runner, sandbox, then the server the runner reports to).
-        start_new_session=True,
-    )
+    server: subprocess.Popen[bytes] | None = None
+    if prefect_db == "sqlite":
+        # Started first: its ~25 s start overlaps the sandbox's.
+        print("Starting the Prefect server (SQLite in .local/prefect; ~25 s the first time)…")
+        server = _start_server(host, port, prefect_env)
     try:
         print("Starting the sandbox platform…")
         with Sandbox() as platform:
+            if server is None:
+                from sandbox.prefect_database import create_prefect_database
+
+                print("Starting the Prefect server on the sandbox's PostgreSQL…")
+                prefect_env["PREFECT_API_DATABASE_CONNECTION_URL"] = create_prefect_database(
+                    platform.postgres
+                )
+                server = _start_server(host, port, prefect_env)
             _wait_for_http(f"{api_url}/health", 180, server)
             served = subprocess.Popen(
                 [sys.executable, "-m", "deployments.local", "--serve-only"],
@@ -105,7 +122,7 @@ def run_everything(host: str, port: int) -> None:
             try:
                 print(
                     "\n"
-                    f"  Prefect UI:        http://{host}:{port}\n"
+                    f"  Prefect UI:        http://{host}:{port}  (database: {prefect_db})\n"
                     f"  Kubernetes API:    {platform.kube.url}\n"
                     f"  Backend API:       {platform.backend.url if platform.backend else '-'}\n"
                     f"  Notifications to:  {platform.receiver.url}\n"
@@ -115,10 +132,13 @@ def run_everything(host: str, port: int) -> None:
                 served.wait()
             finally:
                 _stop(served)
+                # Before the sandbox (and its PostgreSQL) goes: the server may be on it.
+                _stop(server)
     except KeyboardInterrupt:
         print("\nStopping…")
     finally:
-        _stop(server)
+        if server is not None:
+            _stop(server)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -134,11 +154,18 @@ def main() -> None:
     parser.add_argument("--serve-only", action="store_true", help="only serve the deployments")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=4200)
+    parser.add_argument(
+        "--prefect-db",
+        choices=["sqlite", "postgres"],
+        default=os.environ.get("PREFECT_DB") or "sqlite",
+        help="the Prefect server's database: embedded SQLite (default) or the sandbox's "
+        "PostgreSQL (env PREFECT_DB)",
+    )
     args = parser.parse_args()
     if args.serve_only:
         serve_catalog()
     else:
-        run_everything(args.host, args.port)
+        run_everything(args.host, args.port, args.prefect_db)
 
 
 if __name__ == "__main__":
