@@ -96,3 +96,11 @@ def kube(platform: Sandbox) -> Iterator[Any]:
     finally:
         platform.kube.rollout_delay, platform.kube.job_delay = delays
         platform.kube.set_job_behaviour(MIGRATION_JOB_PREFIX, succeed=True, logs=MIGRATION_LOGS)
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: Any, items: list[Any]) -> None:
+    """The RBAC test judges every request the session made to the Kubernetes emulator:
+    it runs last."""
+    from tests.test_rbac import RUNS_LAST
+
+    items.sort(key=lambda item: item.name == RUNS_LAST)
