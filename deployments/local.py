@@ -72,11 +72,15 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def _start_server(host: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _start_server(
+    host: str, port: int, env: dict[str, str], quiet: bool = False
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
         env=env,
         cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL if quiet else None,
+        stderr=subprocess.DEVNULL if quiet else None,
         # Own session: Ctrl-C reaches only us, and we stop the children in order
         # (runner, sandbox, then the server the runner reports to).
         start_new_session=True,
