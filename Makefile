@@ -5,8 +5,9 @@
 setup:
 	@scripts/setup.sh
 
+# `make up PREFECT_DB=postgres`: the Prefect server on the sandbox's PostgreSQL instead.
 up: setup
-	.venv/bin/python -m deployments.local
+	.venv/bin/python -m deployments.local --prefect-db $(or $(PREFECT_DB),sqlite)
 
 test: setup
 	.venv/bin/python -m pytest

@@ -4,7 +4,7 @@ printing its figures and ratios against a baseline measured in the same run."""
 import importlib
 import sys
 
-SUITES = ["foundation", "release", "data", "rotation", "maintenance", "alerts"]
+SUITES = ["foundation", "release", "data", "rotation", "maintenance", "alerts", "burst"]
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or SUITES:

@@ -1,6 +1,8 @@
 """`make up`: the whole thing on one machine, one command.
 
-1. a Prefect server on SQLite with its UI on http://127.0.0.1:4200 (state in .local/),
+1. a Prefect server with its UI on http://127.0.0.1:4200: on SQLite (state in .local/),
+   or with `--prefect-db postgres` (`make up PREFECT_DB=postgres`) on a database of its
+   own on the sandbox's real PostgreSQL (state lasts as long as the sandbox),
 2. the sandbox platform (PostgreSQL, Redis, moto, the Kubernetes emulator, the backend
    stand-in, a notification receiver), and
 3. every deployment in prefect.yaml, served by one process with its schedules live
@@ -49,6 +51,11 @@ def serve_catalog(schedules: bool = True, without_triggers_of: Sequence[str] = (
     from prefect import serve
 
     from deployments.catalog import load_catalog, to_runner_deployment
+    from runbook.settings import load_settings
+
+    # Refuse to start on settings every run would refuse (RUNBOOK_ENVIRONMENT unset, a bad
+    # value): better no runbooks served than runbooks served with approvals off.
+    load_settings()
 
     specs = [
         replace(
@@ -84,7 +91,22 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def run_everything(host: str, port: int) -> None:
+def _start_server(
+    host: str, port: int, env: dict[str, str], quiet: bool = False
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+        env=env,
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL if quiet else None,
+        stderr=subprocess.DEVNULL if quiet else None,
+        # Own session: Ctrl-C reaches only us, and we stop the children in order
+        # (runner, sandbox, then the server the runner reports to).
+        start_new_session=True,
+    )
+
+
+def run_everything(host: str, port: int, prefect_db: str = "sqlite") -> None:
     from sandbox.platform import Sandbox
 
     STATE_DIR.mkdir(exist_ok=True)
@@ -97,15 +119,13 @@ def run_everything(host: str, port: int) -> None:
         "PREFECT_UI_API_URL": api_url,
         **FAST_RUNNER,
     }
-    print("Starting the Prefect server (SQLite in .local/prefect; ~25 s the first time)…")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
-        env=prefect_env,
-        cwd=PROJECT_ROOT,
-        # Own session: Ctrl-C reaches only us, and we stop the children in order
-        # (runner, sandbox, then the server the runner reports to).
-        start_new_session=True,
-    )
+    server: subprocess.Popen[bytes] | None = None
+    if prefect_db == "sqlite":
+        # Started first: its ~25 s start overlaps the sandbox's.
+        print("Starting the Prefect server (SQLite in .local/prefect; ~25 s the first time)…")
+        server = _start_server(host, port, prefect_env)
+    # Alertmanager delivers the sandbox's alerts to the alert bridge, which posts them to
+    # Prefect as events (bridge/app.py).
     bridge = subprocess.Popen(
         [sys.executable, "-m", "bridge"],
         env={**prefect_env, "ALERT_BRIDGE_PORT": str(ALERT_BRIDGE_PORT)},
@@ -114,9 +134,16 @@ def run_everything(host: str, port: int) -> None:
     )
     try:
         print("Starting the sandbox platform…")
-        with Sandbox(
-            alert_webhook_url=f"http://127.0.0.1:{ALERT_BRIDGE_PORT}/alertmanager"
-        ) as platform:
+        bridge_url = f"http://127.0.0.1:{ALERT_BRIDGE_PORT}/alertmanager"
+        with Sandbox(alert_webhook_url=bridge_url) as platform:
+            if server is None:
+                from sandbox.prefect_database import create_prefect_database
+
+                print("Starting the Prefect server on the sandbox's PostgreSQL…")
+                prefect_env["PREFECT_API_DATABASE_CONNECTION_URL"] = create_prefect_database(
+                    platform.postgres
+                )
+                server = _start_server(host, port, prefect_env)
             _wait_for_http(f"{api_url}/health", 180, server)
             served = subprocess.Popen(
                 [sys.executable, "-m", "deployments.local", "--serve-only"],
@@ -127,7 +154,7 @@ def run_everything(host: str, port: int) -> None:
             try:
                 print(
                     "\n"
-                    f"  Prefect UI:        http://{host}:{port}\n"
+                    f"  Prefect UI:        http://{host}:{port}  (database: {prefect_db})\n"
                     f"  Kubernetes API:    {platform.kube.url}\n"
                     f"  Backend API:       {platform.backend.url if platform.backend else '-'}\n"
                     f"  Notifications to:  {platform.receiver.url}\n"
@@ -139,11 +166,14 @@ def run_everything(host: str, port: int) -> None:
                 served.wait()
             finally:
                 _stop(served)
+                # Before the sandbox (and its PostgreSQL) goes: the server may be on it.
+                _stop(server)
     except KeyboardInterrupt:
         print("\nStopping…")
     finally:
         _stop(bridge)
-        _stop(server)
+        if server is not None:
+            _stop(server)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -169,11 +199,18 @@ def main() -> None:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=4200)
+    parser.add_argument(
+        "--prefect-db",
+        choices=["sqlite", "postgres"],
+        default=os.environ.get("PREFECT_DB") or "sqlite",
+        help="the Prefect server's database: embedded SQLite (default) or the sandbox's "
+        "PostgreSQL (env PREFECT_DB)",
+    )
     args = parser.parse_args()
     if args.serve_only:
         serve_catalog(not args.schedules_inactive, args.no_triggers_of)
     else:
-        run_everything(args.host, args.port)
+        run_everything(args.host, args.port, args.prefect_db)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,11 @@ refused, below the floor or to zero waits for an approval. The form's own bound
 (0-`MAX_REPLICAS`) is enforced by the Prefect server before a run even exists.
 
 `autoscale`: applies the runbook's HorizontalPodAutoscaler. Idempotent: the live HPA is
-compared with the wanted one first, and nothing is written when they already agree.
+compared with the wanted one first, and nothing is written when they already agree. In
+production, lowering its floor or ceiling (or creating one whose ceiling is below the
+replicas running) waits for an approval first (`judge_autoscale`).
+
+Both take an optional `requested_by`: the approver must then be someone else.
 
 Both hold the `deployment/<name>` lock, so they never interleave with a deploy or rollback.
 """
@@ -32,6 +36,7 @@ from runbook.decisions.scaling import (
     hpa_drift,
     hpa_name,
     hpa_note,
+    judge_autoscale,
     judge_scale,
 )
 from runbook.fault_points import fault_point
@@ -48,6 +53,9 @@ from tasks.kubernetes import (
 )
 from tasks.locks import exclusive
 
+# Who asks; kept as a name (never a credential). The approver must be someone else.
+RequestedBy = Annotated[str | None, Field(max_length=100, examples=["alice"])]
+
 # How long a scale may take to have its replicas available before the run fails.
 SCALE_DEADLINE_SECONDS = 600
 
@@ -57,6 +65,7 @@ def scale(
     deployment: Annotated[Component, Field(examples=["backend"])],
     replicas: Annotated[int, Field(ge=0, le=MAX_REPLICAS, examples=[5])],
     wait: bool = True,
+    requested_by: RequestedBy = None,
 ) -> dict[str, Any]:
     """Scale a Deployment to a number of replicas (kubectl scale), within its bounds.
 
@@ -65,6 +74,7 @@ def scale(
         replicas: Wanted replica count. Above the Deployment's ceiling is refused; below its
             floor, or 0, needs an approval.
         wait: Wait until the new replicas are available.
+        requested_by: Who asks for this change (optional); that person cannot approve it.
     """
     logger = get_run_logger()
     name = load_settings().deployment_name(deployment)
@@ -147,6 +157,7 @@ def autoscale(
     min_replicas: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] = 2,
     max_replicas: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] = 20,
     cpu_utilization_percent: Annotated[int, Field(ge=10, le=95)] = 70,
+    requested_by: RequestedBy = None,
 ) -> dict[str, Any]:
     """Apply the runbook's HorizontalPodAutoscaler (autoscaling/v2); a second apply is a no-op.
 
@@ -155,9 +166,11 @@ def autoscale(
         min_replicas: Fewest replicas the autoscaler keeps (not below the Deployment's floor).
         max_replicas: Most replicas the autoscaler may add (not above the Deployment's ceiling).
         cpu_utilization_percent: Average CPU utilisation the autoscaler aims for (10-95).
+        requested_by: Who asks for this change (optional); that person cannot approve it.
     """
     logger = get_run_logger()
-    name = load_settings().deployment_name(deployment)
+    settings = load_settings()
+    name = settings.deployment_name(deployment)
 
     # 1. Check the policy against the component's bounds, before any call.
     check_hpa_bounds(deployment, min_replicas, max_replicas)
@@ -167,13 +180,33 @@ def autoscale(
         # 2. Compare with the live HPA: apply only what differs (idempotent).
         existing = read_horizontal_pod_autoscaler(desired["metadata"]["name"])
         drift = hpa_drift(desired, existing)
-        # 3. Apply it (one write: a dead run leaves the policy asked for).
+        # 3. In production, a lowered floor or ceiling lets capacity fall: approval first.
+        verdict = judge_autoscale(
+            settings.environment, existing, min_replicas, max_replicas, read_deployment_scale(name)
+        )
+        if drift and verdict.needs_approval:
+            before = (existing or {}).get("spec") or {}
+            request_approval(
+                Plan(
+                    title=f"Autoscale deployment/{name} at {min_replicas}-{max_replicas}",
+                    target=f"hpa/{hpa_name(name)}",
+                    steps=(f"kubectl apply -f {hpa_name(name)}.yaml  # autoscaling/v2",),
+                    facts={
+                        "replicas (min-max) now": f"{before.get('minReplicas', '-')}-"
+                        f"{before.get('maxReplicas', '-')}",
+                        "replicas (min-max) after": f"{min_replicas}-{max_replicas}",
+                        "target CPU": f"{cpu_utilization_percent}%",
+                        "why approval": verdict.reason,
+                    },
+                )
+            )
+        # 4. Apply it (one write: a dead run leaves the policy asked for).
         if drift:
             intent = record_intent("autoscale", [f"deployment/{name}"], [_AUTOSCALE_NOTE])
             apply_horizontal_pod_autoscaler(desired)
             clear_intent(intent)
 
-    # 4. Report.
+    # 5. Report.
     verb = ("created" if existing is None else "updated") if drift else "already up to date"
     summary = (
         f"hpa/{hpa_name(name)} for deployment/{name} {verb}: {min_replicas}-{max_replicas} "

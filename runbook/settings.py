@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import AnyHttpUrl, Field, SecretStr
+from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from runbook.decisions.incidents import DEFAULT_CONTACTS, Contact
@@ -27,18 +27,22 @@ K8S_NAME = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 class MissingSetting(RuntimeError):
     """A runbook needs a setting (usually a credential) that is not configured."""
 
-    def __init__(self, field: str) -> None:
-        super().__init__(f"{ENV_PREFIX}{field.upper()} is not set; this runbook needs it")
+    def __init__(self, field: str, why: str = "this runbook needs it") -> None:
+        super().__init__(f"{ENV_PREFIX}{field.upper()} is not set; {why}")
         self.field = field
+
+
+ENVIRONMENTS = ("sandbox", "staging", "production")
 
 
 class PlatformSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
+    # No default, on purpose: a forgotten variable must not quietly mean "sandbox" and
+    # switch production's approvals off. The sandbox and the tests set it themselves.
     environment: Literal["sandbox", "staging", "production"] = Field(
-        "sandbox",
-        description="Which platform this is; production turns on approvals that are "
-        "optional elsewhere (e.g. before a deploy).",
+        description="Which platform this is (required, no default); production turns on "
+        "approvals that are optional elsewhere (a deploy, an autoscaler lowered).",
     )
 
     # --- Kubernetes -------------------------------------------------------------------
@@ -233,6 +237,19 @@ class PlatformSettings(BaseSettings):
         description='Celery queue names as JSON (["celery"]); their priority lists '
         "(queue + \\x06\\x16 + 3/6/9) are counted too.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _environment_is_explicit(cls, values: Any) -> Any:
+        # A MissingSetting rather than pydantic's "Field required": the message names the
+        # variable to set and why it has no default.
+        if isinstance(values, dict) and values.get("environment") in (None, ""):
+            raise MissingSetting(
+                "environment",
+                f"say which platform this is ({', '.join(ENVIRONMENTS)}); it has no default "
+                "so that a forgotten variable cannot switch production's approvals off",
+            )
+        return values
 
     def deployment_name(self, component: str) -> str:
         """The Deployment of a component as the runbook names it (`backend`, `frontend`,

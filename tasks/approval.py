@@ -4,14 +4,21 @@
    and shown above the approval form in the UI.
 2. The run pauses for a typed `ApprovalDecision`. Every field is required, so an empty
    or malformed resume is refused by the server and the run stays paused.
-3. The decision (or the timeout) is recorded: an artifact, a log line and an event.
-4. Approved: the flow goes on and acts on exactly the plan it showed. Rejected or timed
+3. The decision (or the timeout) is recorded: an artifact, a log line and an event,
+   each naming who started the run (`runbook.decisions.approval.requester_of`: Prefect
+   Cloud's user, an authenticating proxy's `requested-by:<name>` tag, or the flow's
+   `requested_by` parameter) and who decided.
+4. Four eyes: an approval by the requester is refused and recorded, and the run waits
+   for another approver until its deadline. (Names are compared as given: the
+   open-source Prefect server verifies no identity; README, "Who approves".)
+5. Approved: the flow goes on and acts on exactly the plan it showed. Rejected or timed
    out: an exception ends the run before anything changes.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 
 from prefect.artifacts import create_markdown_artifact
@@ -25,6 +32,7 @@ from prefect.logging import get_run_logger
 from prefect.states import Failed
 from pydantic import Field
 
+from runbook.decisions.approval import Requester, requester_of, same_person
 from runbook.settings import load_settings
 from tasks.notify import notify_chat
 
@@ -78,10 +86,12 @@ class Plan:
         return "\n".join(lines)
 
 
-def _record(plan: Plan, outcome: str, detail: str) -> None:
+def _record(plan: Plan, outcome: str, detail: str, requester: Requester | None) -> None:
     run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
+    requested_by = requester.describe() if requester else "unknown"
     create_markdown_artifact(
-        markdown=f"## Approval {outcome}: {plan.title}\n\n{detail}\n\nTarget: `{plan.target}`",
+        markdown=f"## Approval {outcome}: {plan.title}\n\n{detail}\n\nTarget: `{plan.target}`"
+        f"\n\nRequested by: {requested_by}",
         key=f"approval-{outcome}",
         description=f"Approval decision for {plan.title}",
     )
@@ -94,7 +104,26 @@ def _record(plan: Plan, outcome: str, detail: str) -> None:
                 "prefect.resource.role": "flow-run",
             }
         ],
-        payload={"plan": plan.title, "target": plan.target, "detail": detail},
+        payload={
+            "plan": plan.title,
+            "target": plan.target,
+            "detail": detail,
+            "requested_by": requester.name if requester else None,
+            "requested_by_source": requester.source if requester else None,
+        },
+    )
+
+
+def current_requester() -> Requester | None:
+    """Who started this run, as far as the run itself says (see `requester_of`)."""
+    run = get_run_context().flow_run  # type: ignore[union-attr]
+    assert run is not None
+    created_by = run.created_by
+    return requester_of(
+        run.parameters or {},
+        run.tags or [],
+        str(created_by.type) if created_by and created_by.type else None,
+        created_by.display_value if created_by else None,
     )
 
 
@@ -106,42 +135,74 @@ def _fail_run_with(message: str) -> None:
 
 
 def request_approval(plan: Plan) -> ApprovalDecision:
-    """Show `plan`, wait for a decision, and return it only if it is an approval.
+    """Show `plan`, wait for a decision by someone other than the requester, and return it
+    only if it is an approval.
 
     Raises `ApprovalRejected` or `ApprovalTimedOut` (after notifying chat) otherwise.
     """
     settings = load_settings()
     logger = get_run_logger()
+    requester = current_requester()
+    requested_by = requester.describe() if requester else "unknown (no identity on this run)"
+    plan = Plan(plan.title, plan.target, plan.steps, {**plan.facts, "requested by": requested_by})
     create_markdown_artifact(markdown=plan.markdown(), key="approval-plan", description=plan.title)
     _record(
-        plan, "requested", f"Waiting up to {settings.approval_timeout_seconds}s for a decision."
+        plan,
+        "requested",
+        f"Waiting up to {settings.approval_timeout_seconds}s for a decision.",
+        requester,
     )
-    logger.info("Waiting for approval of %r on %s", plan.title, plan.target)
-    try:
-        decision = pause_flow_run(
-            wait_for_input=ApprovalDecision.with_initial_data(description=plan.markdown()),
-            timeout=settings.approval_timeout_seconds,
-            poll_interval=settings.approval_poll_seconds,
-            key=plan.key,
+    logger.info(
+        "Waiting for approval of %r on %s, requested by %s", plan.title, plan.target, requested_by
+    )
+    deadline = time.monotonic() + settings.approval_timeout_seconds
+    attempt = 1
+    while True:
+        decision = _wait_for_decision(plan, attempt, deadline, requester)
+        if not (decision.approve and same_person(requester, decision.approver)):
+            break
+        # Four eyes: the requester cannot approve their own change; wait for someone else.
+        refusal = (
+            f"Approval by {decision.approver} refused: {decision.approver} requested this "
+            "run; another person must approve. Still waiting."
         )
-    except FlowPauseTimeout:
-        message = (
-            f"No decision on {plan.title!r} within {settings.approval_timeout_seconds}s; "
-            "nothing was changed."
-        )
-        logger.error(message)
-        _fail_run_with(message)
-        _record(plan, "timed-out", message)
-        notify_chat(f":hourglass: {message}")
-        raise ApprovalTimedOut(message) from None
+        logger.warning(refusal)
+        _record(plan, "refused-self-approval", refusal, requester)
+        attempt += 1
 
     verdict = "approved" if decision.approve else "rejected"
     detail = f"{verdict.capitalize()} by **{decision.approver}**: {decision.reason}"
     logger.info("%s %s by %s: %s", plan.title, verdict, decision.approver, decision.reason)
-    _record(plan, verdict, detail)
+    _record(plan, verdict, detail, requester)
     if not decision.approve:
         raise ApprovalRejected(
             f"{plan.title!r} rejected by {decision.approver}: {decision.reason}; "
             "nothing was changed."
         )
     return decision
+
+
+def _wait_for_decision(
+    plan: Plan, attempt: int, deadline: float, requester: Requester | None
+) -> ApprovalDecision:
+    """One pause for a decision, until the deadline; a timeout fails the run cleanly."""
+    settings = load_settings()
+    # Each wait needs its own pause key: a key already used would not pause again.
+    key = plan.key if attempt == 1 else f"{plan.key}-{attempt}"
+    try:
+        return pause_flow_run(
+            wait_for_input=ApprovalDecision.with_initial_data(description=plan.markdown()),
+            timeout=max(1, round(deadline - time.monotonic())),
+            poll_interval=settings.approval_poll_seconds,
+            key=key,
+        )
+    except FlowPauseTimeout:
+        message = (
+            f"No decision on {plan.title!r} within {settings.approval_timeout_seconds}s; "
+            "nothing was changed."
+        )
+        get_run_logger().error(message)
+        _fail_run_with(message)
+        _record(plan, "timed-out", message, requester)
+        notify_chat(f":hourglass: {message}")
+        raise ApprovalTimedOut(message) from None

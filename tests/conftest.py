@@ -14,6 +14,9 @@ from typing import Any
 # Before Prefect is imported: no network here, and no analytics phone-home.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
+# RUNBOOK_ENVIRONMENT has no default (fail closed); the tests run against the sandbox,
+# whatever the shell that started them says.
+os.environ["RUNBOOK_ENVIRONMENT"] = "sandbox"
 
 import pytest
 from prefect.testing.utilities import prefect_test_harness
@@ -106,3 +109,11 @@ def kube(platform: Sandbox) -> Iterator[Any]:
             yield platform.kube
     finally:
         platform.kube.rollout_delay, platform.kube.job_delay = delays
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: Any, items: list[Any]) -> None:
+    """The RBAC test judges every request the session made to the Kubernetes emulator:
+    it runs last."""
+    from tests.test_rbac import RUNS_LAST
+
+    items.sort(key=lambda item: item.name == RUNS_LAST)

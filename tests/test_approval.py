@@ -105,3 +105,38 @@ def test_malformed_resume_is_refused_and_run_stays_paused(platform, bad_input):
     resume_flow_run(paused.id, run_input={"approve": False, "approver": "eve", "reason": "test"})
     assert run.join().is_failed()
     assert platform.kube.writes == []
+
+
+@flow(name="approval-by-tag-probe")
+def approve_a_probe() -> str:
+    decision = request_approval(Plan(title="Probe", target="nothing", steps=("nothing",)))
+    return decision.approver
+
+
+def test_requester_from_a_proxys_tag_cannot_approve_and_is_recorded(platform):
+    """An authenticating proxy stamps `requested-by:<user>` on the runs it creates."""
+    from prefect import tags
+
+    def started_through_the_proxy(return_state: bool):
+        with tags("requested-by:carol"):  # run tags live in the starting thread's context
+            return approve_a_probe(return_state=return_state)
+
+    run = start_in_thread(started_through_the_proxy)
+    paused = wait_for_paused_run("approval-by-tag-probe")
+    assert "carol (from the proxy tag)" in read_artifacts(paused.id)["approval-plan"].data
+
+    resume_flow_run(paused.id, run_input={"approve": True, "approver": "@carol", "reason": "x"})
+    assert wait_for_paused_run("approval-by-tag-probe").id == paused.id
+    resume_flow_run(paused.id, run_input={"approve": True, "approver": "dave", "reason": "y"})
+
+    state = run.join()
+    assert state.is_completed(), state.message
+    assert state.result() == "dave"
+
+
+def test_unknown_requester_is_recorded_as_unknown(platform):
+    run = start_in_thread(approve_a_probe)
+    paused = wait_for_paused_run("approval-by-tag-probe")
+    assert "unknown (no identity on this run)" in read_artifacts(paused.id)["approval-plan"].data
+    resume_flow_run(paused.id, run_input={"approve": False, "approver": "erin", "reason": "z"})
+    assert run.join().is_failed()

@@ -29,7 +29,7 @@ from psycopg.conninfo import make_conninfo
 
 from flows.restore import restore
 from sandbox.platform import BACKUP_BUCKET, NAMESPACE
-from tasks.kubernetes import api_client, scale_deployment
+from tasks.kubernetes import scale_deployment
 from tasks.locks import exclusive, lock_name
 from tests.backup_helpers import (
     clear_backups,
@@ -310,7 +310,8 @@ def test_a_schema_change_is_refused_unless_the_operator_allows_it(live, newer_li
 @pytest.fixture
 def tiny_volume(live):
     """The postgres StatefulSet claims a 2 MiB data volume, as a real manifest would say."""
-    apps = k8s.AppsV1Api(api_client())
+    # The test's own client, not the runbooks': this setup is no runbook's request.
+    apps = k8s.AppsV1Api(k8s.ApiClient(k8s.Configuration(host=live.kube.url)))
     original = apps.read_namespaced_stateful_set("postgres", NAMESPACE).to_dict()
     body = apps.api_client.sanitize_for_serialization(
         apps.read_namespaced_stateful_set("postgres", NAMESPACE)

@@ -168,3 +168,51 @@ def test_hpa_out_of_bounds_is_refused_before_any_call(platform, kube, parameters
     assert state.is_failed()
     assert state.message.split(": ", 1)[1].startswith(f"Refused: {field}:")
     assert kube.writes == []
+
+
+def test_lowering_an_autoscaler_in_production_waits_for_another_persons_approval(
+    platform, kube, monkeypatch
+):
+    autoscale()  # the runbook's backend HPA, 2-20
+    kube.clear_writes()
+    monkeypatch.setenv("RUNBOOK_ENVIRONMENT", "production")
+
+    run = start_in_thread(autoscale, max_replicas=8, requested_by="alice")
+    paused = wait_for_paused_run("autoscale")
+    plan = read_artifacts(paused.id)["approval-plan"].data
+    assert "lowers the ceiling 20 → 8 in production" in plan
+    assert "alice (from the parameter)" in plan
+    assert kube.writes == []  # nothing before the decision
+
+    # The requester approving their own change is refused; the run waits for someone else.
+    resume_flow_run(paused.id, run_input={"approve": True, "approver": "Alice", "reason": "x"})
+    again = wait_for_paused_run("autoscale")
+    assert again.id == paused.id
+    assert kube.writes == []
+    refusal = read_artifacts(paused.id)["approval-refused-self-approval"].data
+    assert "Alice requested this run" in refusal
+
+    resume_flow_run(paused.id, run_input={"approve": True, "approver": "bob", "reason": "CHG-7"})
+    try:
+        state = run.join()
+        assert state.is_completed(), state.message
+        assert [w.method for w in kube.writes] == ["PUT"]
+        assert hpa(kube, "backend-hpa")["spec"]["maxReplicas"] == 8
+        decision = read_artifacts(paused.id)["approval-approved"].data
+        assert "bob" in decision and "alice (from the parameter)" in decision
+    finally:
+        monkeypatch.setenv("RUNBOOK_ENVIRONMENT", "sandbox")
+        autoscale()  # back to 2-20: raising needs no approval
+    assert hpa(kube, "backend-hpa")["spec"]["maxReplicas"] == 20
+
+
+def test_raising_an_autoscaler_in_production_needs_no_approval(platform, kube, monkeypatch):
+    autoscale(max_replicas=12)
+    kube.clear_writes()
+    monkeypatch.setenv("RUNBOOK_ENVIRONMENT", "production")
+    try:
+        assert autoscale()["changed"] == ["maxReplicas"]  # 12 -> 20: no pause
+        assert [w.method for w in kube.writes] == ["PUT"]
+    finally:
+        monkeypatch.setenv("RUNBOOK_ENVIRONMENT", "sandbox")
+        autoscale()

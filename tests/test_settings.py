@@ -50,3 +50,31 @@ def test_missing_credential_names_the_variable(monkeypatch):
 def test_every_field_is_described():
     undocumented = [n for n, f in PlatformSettings.model_fields.items() if not f.description]
     assert undocumented == []
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_environment_has_no_default_and_its_absence_names_the_variable(monkeypatch, value):
+    """Fail closed: a forgotten RUNBOOK_ENVIRONMENT must not quietly mean sandbox."""
+    if value is None:
+        monkeypatch.delenv("RUNBOOK_ENVIRONMENT", raising=False)
+    else:
+        monkeypatch.setenv("RUNBOOK_ENVIRONMENT", value)
+    with pytest.raises(MissingSetting, match="RUNBOOK_ENVIRONMENT is not set; say which platform"):
+        PlatformSettings()
+
+
+def test_serving_the_runbooks_refuses_to_start_without_an_environment(monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RUNBOOK_ENVIRONMENT"}
+    served = subprocess.run(
+        [sys.executable, "-m", "deployments.local", "--serve-only"],
+        env={**env, "PREFECT_API_URL": "http://127.0.0.1:9/api"},  # never reached
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert served.returncode != 0
+    assert "RUNBOOK_ENVIRONMENT is not set" in served.stderr

@@ -132,3 +132,29 @@ def hpa_drift(desired: JSON, existing: JSON | None) -> list[str]:
         return list(fields)
     have = existing.get("spec") or {}
     return [f for f in fields if desired["spec"].get(f) != have.get(f)]
+
+
+def judge_autoscale(
+    environment: str,
+    existing: JSON | None,
+    min_replicas: int,
+    max_replicas: int,
+    current_replicas: int,
+) -> ScaleVerdict:
+    """In production, an autoscaler that lowers its floor or ceiling needs an approval:
+    it lets capacity fall (a lower ceiling scales down at once). Without an autoscaler yet,
+    a ceiling below today's replica count is such a lowering. Elsewhere: no approval."""
+    spec = (existing or {}).get("spec") or {}
+    lowered = []
+    if existing is not None:
+        if min_replicas < int(spec.get("minReplicas", 1)):
+            lowered.append(f"floor {spec.get('minReplicas', 1)} → {min_replicas}")
+        if max_replicas < int(spec.get("maxReplicas", max_replicas)):
+            lowered.append(f"ceiling {spec['maxReplicas']} → {max_replicas}")
+    elif max_replicas < current_replicas:
+        lowered.append(f"ceiling {max_replicas} below the {current_replicas} replicas running")
+    if not lowered:
+        return ScaleVerdict(False, "no bound lowered")
+    if environment != "production":
+        return ScaleVerdict(False, f"lowers the {'; '.join(lowered)} (approval only in production)")
+    return ScaleVerdict(True, f"lowers the {'; '.join(lowered)} in production")

@@ -13,7 +13,7 @@ from sandbox.services import Service
 from .cluster import Cluster
 from .controllers import Controllers
 from .pod_logs import LogSource
-from .records import HistoryEvent, WriteRecord
+from .records import AccessRecord, HistoryEvent, WriteRecord
 from .resources import JSON, ResourceType, find_type
 from .rest import Fault, RestApi
 from .server import EmulatorHTTPServer
@@ -138,6 +138,12 @@ class KubeEmulator(Service):
     def clear_writes(self) -> None:
         with self._cluster.lock:
             self._api.writes.clear()
+
+    @property
+    def accesses(self) -> dict[AccessRecord, int]:
+        """Every request since the emulator started, as RBAC sees it, with its count."""
+        with self._cluster.lock:
+            return dict(self._api.accesses)
 
     @property
     def history(self) -> builtins.list[HistoryEvent]:

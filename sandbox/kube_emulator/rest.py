@@ -10,6 +10,7 @@ import logging
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from .cluster import Cluster
 from .controllers import Controllers
 from .patches import PatchError, json_patch, merge_patch, strategic_merge
 from .pod_logs import render_log
-from .records import WriteRecord
+from .records import AccessRecord, WriteRecord, rbac_verb
 from .resources import (
     JOBS,
     JSON,
@@ -208,6 +209,27 @@ def scale_of(obj: JSON) -> JSON:
     }
 
 
+def _access_of(
+    method: str, path: str, query: dict[str, str], user_agent: str
+) -> AccessRecord | None:
+    """The RBAC request attributes of a request; None for a path no API serves."""
+    try:
+        route = parse_route(path)
+    except ApiError:
+        return None
+    if route.discovery is not None or route.rt is None:
+        return AccessRecord(None, path.rstrip("/") or "/", "", method.lower(), None, user_agent)
+    watch = query.get("watch", "").lower() in ("true", "1")
+    return AccessRecord(
+        route.rt.group,
+        route.rt.plural,
+        route.subresource or "",
+        rbac_verb(method, route.name is not None, watch),
+        route.namespace,
+        user_agent,
+    )
+
+
 class RestApi:
     """Routes a request to the cluster and records what clients wrote."""
 
@@ -215,19 +237,25 @@ class RestApi:
         self.cluster = cluster
         self.controllers = controllers
         self.writes: list[WriteRecord] = []
+        # Every request as RBAC would see it, never cleared (the RBAC test reads it at the
+        # end of the session).
+        self.accesses: Counter[AccessRecord] = Counter()
         self.faults: list[Fault] = []
         self.stopped = threading.Event()
 
     # --- entry point ---------------------------------------------------------------------
 
     def handle(
-        self, method: str, target: str, content_type: str, raw_body: bytes
+        self, method: str, target: str, content_type: str, raw_body: bytes, user_agent: str = ""
     ) -> Response | WatchPlan:
         arrived = time.time()
         split = urlsplit(target)
         path = split.path
         query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
         with self.cluster.lock:
+            access = _access_of(method, path, query, user_agent)
+            if access is not None:
+                self.accesses[access] += 1
             fault = self._take_fault(method, path)
             if fault is not None:  # before any effect, and not a write
                 return fault

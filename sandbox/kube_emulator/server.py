@@ -39,7 +39,11 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         result = self.server.api.handle(
-            method, self.path, self.headers.get("Content-Type", ""), raw
+            method,
+            self.path,
+            self.headers.get("Content-Type", ""),
+            raw,
+            user_agent=self.headers.get("User-Agent", ""),
         )
         try:
             if isinstance(result, WatchPlan):

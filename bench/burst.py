@@ -1,0 +1,174 @@
+"""A burst of API-launched runs, on each of the Prefect server's databases.
+
+For SQLite (the embedded default) and PostgreSQL (the production setup; here a database
+of its own on the sandbox's real PostgreSQL): a `prefect server start` process, the
+runbooks served by `deployments.local --serve-only` as `make up` serves them, then
+`BURST` (100) `POST /api/deployments/{id}/create_flow_run` of health-check sent at once
+from 10 client threads. Measured from outside, over the REST API:
+- runs lost: a POST that failed, or a run not Completed within the deadline (target 0);
+- time until all complete: first POST sent → the last run's end_time;
+- launch latency: each POST sent → that run's start_time (when the server moved it to
+  Running; the same host clock), p50 and p95.
+Run: `.venv/bin/python -m bench burst` (about 3-5 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from deployments.local import FAST_RUNNER, PROJECT_ROOT, _start_server, _stop, _wait_for_http
+from sandbox.platform import Sandbox
+
+BURST = int(os.environ.get("BENCH_BURST", "100"))
+CLIENTS = 10
+DEADLINE_SECONDS = 600
+DEPLOYMENT = "health-check/health-check"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _seconds(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def _burst(api: str) -> dict[str, Any]:
+    with httpx.Client(base_url=api, timeout=60) as client:
+        give_up = time.monotonic() + 180
+        while (answer := client.get(f"/deployments/name/{DEPLOYMENT}")).status_code != 200:
+            assert time.monotonic() < give_up, "health-check never registered"
+            time.sleep(0.5)
+        deployment_id = answer.json()["id"]
+
+    failures: Counter[str] = Counter()
+
+    def launch(_: int) -> tuple[str | None, float]:
+        with httpx.Client(base_url=api, timeout=60) as client:
+            sent = time.time()
+            try:
+                reply = client.post(
+                    f"/deployments/{deployment_id}/create_flow_run", json={"parameters": {}}
+                )
+            except httpx.HTTPError as error:
+                failures[type(error).__name__] += 1
+                return None, sent
+            if reply.status_code != 201:
+                failures[f"HTTP {reply.status_code}"] += 1
+                return None, sent
+            return reply.json()["id"], sent
+
+    started = time.time()
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        launched = list(pool.map(launch, range(BURST)))
+    sent_at = {run_id: sent for run_id, sent in launched if run_id}
+    failed_posts = BURST - len(sent_at)
+
+    runs: dict[str, dict] = {}
+    give_up = time.monotonic() + DEADLINE_SECONDS
+    with httpx.Client(base_url=api, timeout=60) as client:
+        while time.monotonic() < give_up:
+            ids = list(sent_at)
+            runs = {}
+            for i in range(0, len(ids), 200):
+                page = client.post(
+                    "/flow_runs/filter",
+                    json={"flow_runs": {"id": {"any_": ids[i : i + 200]}}, "limit": 200},
+                ).json()
+                runs.update({r["id"]: r for r in page})
+            if all(
+                r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+                for r in runs.values()
+            ) and len(runs) == len(sent_at):
+                break
+            time.sleep(1)
+    completed = [r for r in runs.values() if r["state_type"] == "COMPLETED"]
+    latencies = [
+        _seconds(r["start_time"]) - sent_at[r["id"]] for r in runs.values() if r.get("start_time")
+    ]
+    ends = [_seconds(r["end_time"]) for r in completed if r.get("end_time")]
+    return {
+        "launched": len(sent_at),
+        "lost": failed_posts + (len(sent_at) - len(completed)),
+        "all_complete_s": (max(ends) - started) if ends else float("nan"),
+        "p50_s": statistics.median(latencies) if latencies else float("nan"),
+        "p95_s": _percentile(latencies, 0.95) if latencies else float("nan"),
+        "post_failures": dict(failures),
+    }
+
+
+def run_on(database: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-burst-") as home, Sandbox() as platform:
+        port = _free_port()
+        api = f"http://127.0.0.1:{port}/api"
+        env = {
+            **os.environ,
+            "PREFECT_HOME": home,
+            "PREFECT_API_URL": api,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            **FAST_RUNNER,
+        }
+        if database == "postgres":
+            from sandbox.prefect_database import create_prefect_database
+
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = create_prefect_database(platform.postgres)
+        else:
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = (
+                f"sqlite+aiosqlite:///{Path(home) / 'prefect.db'}"
+            )
+        # The server's own log ("database is locked" under SQLite) is not the bench's output.
+        server = _start_server("127.0.0.1", port, env, quiet=True)
+        served = None
+        try:
+            _wait_for_http(f"{api}/health", 240, server)
+            served = subprocess.Popen(
+                [sys.executable, "-m", "deployments.local", "--serve-only"],
+                env={**env, **platform.env},
+                cwd=PROJECT_ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            return _burst(api)
+        finally:
+            if served is not None:
+                _stop(served)
+            _stop(server)
+
+
+def main() -> None:
+    print(f"\n== burst of {BURST} API-launched health-check runs ({CLIENTS} clients)")
+    print("   database    lost  all complete   POST→Running p50    p95")
+    for database in ("sqlite", "postgres"):
+        r = run_on(database)
+        print(
+            f"   {database:<10} {int(r['lost']):>5}  {r['all_complete_s']:>10.1f} s"
+            f"   {r['p50_s']:>14.2f} s  {r['p95_s']:>5.2f} s   (launched {int(r['launched'])}"
+            f"; failed POSTs: {r['post_failures'] or 'none'})",
+            flush=True,
+        )
+    print("   targets: lost 0; (issue 10) POST→Running median ≤ 3 s on an idle server")
+
+
+if __name__ == "__main__":
+    main()
