@@ -1,0 +1,54 @@
+"""Is a lock a lock, and is a plan still the truth? Two small verdicts, over plain data.
+
+`lock_problem`: a Prefect global concurrency limit keeps two changes apart only if it is
+active and has exactly one slot. An inactive limit grants every request at once; a limit
+of 5 lets five runs change one Deployment together. Either way the run would be
+unprotected while believing it holds the lock.
+
+`plan_changes`: an approved plan is acted on only if the target is still exactly as the
+plan showed. The flow fingerprints the target when it builds the plan (generation of a
+Deployment, backup id and checksum, replica counts, certificate revision, secret
+version…) and again once it holds the lock after the approval; any difference refuses
+the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+STALE_PLAN = "changed since the plan was approved"
+
+
+def lock_problem(name: str, active: bool, limit: int) -> str | None:
+    """Why the limit `name` would not keep changes apart, or None when it would."""
+    if not active:
+        return (
+            f"lock {name} is inactive: Prefect grants an inactive limit to everyone at once. "
+            f"Re-activate it (`prefect gcl update {name} --enable`) once nothing holds it"
+        )
+    if limit != 1:
+        return (
+            f"lock {name} allows {limit} holders at once, not 1: it would let {limit} "
+            f"changes of one target interleave. Set it back with "
+            f"`prefect gcl update {name} --limit 1`"
+        )
+    return None
+
+
+def plan_changes(planned: Mapping[str, str], live: Mapping[str, str]) -> tuple[str, ...]:
+    """What differs between the fingerprint shown in the plan and the live one, as
+    `what: planned → live` lines; empty when the plan is still the truth."""
+    changes = []
+    for key in sorted(set(planned) | set(live)):
+        before, now = planned.get(key, "absent"), live.get(key, "absent")
+        if before != now:
+            changes.append(f"{key}: {before} → {now}")
+    return tuple(changes)
+
+
+def stale_plan_message(title: str, changes: tuple[str, ...]) -> str:
+    """The refusal: names what moved, and that nothing was done."""
+    return (
+        f"{title}: refused, the target {STALE_PLAN} ({'; '.join(changes)}). "
+        "Nothing was changed; start a new run to plan against the current state."
+    )
