@@ -1,6 +1,8 @@
 """`make up`: the whole thing on one machine, one command.
 
-1. a Prefect server on SQLite with its UI on http://127.0.0.1:4200 (state in .local/),
+1. a Prefect server on SQLite with its UI on http://127.0.0.1:4200 (state in .local/;
+   lock leases in its memory, Prefect's default: a restart of this server forgets them,
+   see README > Production for the Redis lease storage),
 2. the sandbox platform (PostgreSQL, Redis, moto, the Kubernetes emulator, the backend
    stand-in, a notification receiver), and
 3. every deployment in prefect.yaml, served by one process with its schedules live,
@@ -104,6 +106,8 @@ def run_everything(host: str, port: int) -> None:
                     f"  Kubernetes API:    {platform.kube.url}\n"
                     f"  Backend API:       {platform.backend.url if platform.backend else '-'}\n"
                     f"  Notifications to:  {platform.receiver.url}\n"
+                    "  Lock leases:       in the server's memory (a server restart leaks held\n"
+                    "                     locks; production keeps them in Redis, see README)\n"
                     "  Every runbook in prefect.yaml is served; Ctrl-C stops everything.\n",
                     flush=True,
                 )
