@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from prefect.artifacts import create_markdown_artifact
@@ -25,6 +26,7 @@ from prefect.logging import get_run_logger
 from prefect.states import Failed
 from pydantic import Field
 
+from runbook.decisions.locks import plan_changes, stale_plan_message
 from runbook.settings import load_settings
 from tasks.notify import notify_chat
 
@@ -62,6 +64,9 @@ class Plan:
     target: str
     steps: tuple[str, ...]
     facts: dict[str, str] = field(default_factory=dict)
+    # What the target must still be when the flow acts (after the approval, under the
+    # lock): checked by `refuse_if_changed`, shown to the approver.
+    fingerprint: dict[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -75,6 +80,9 @@ class Plan:
             lines.append("")
         lines.append("**Steps, in order:**")
         lines += [f"{n}. {step}" for n, step in enumerate(self.steps, 1)]
+        if self.fingerprint:
+            pinned = ", ".join(f"{name} = {value}" for name, value in self.fingerprint.items())
+            lines += ["", f"Carried out only if, when it starts, still: {pinned}."]
         return "\n".join(lines)
 
 
@@ -145,3 +153,19 @@ def request_approval(plan: Plan) -> ApprovalDecision:
             "nothing was changed."
         )
     return decision
+
+
+class PlanChanged(RuntimeError):
+    """The target changed between the plan and the moment the flow could act: refused."""
+
+
+def refuse_if_changed(plan: Plan, live: Mapping[str, str]) -> None:
+    """Call under the target's lock, after the approval and before the first write: raise
+    `PlanChanged` ("changed since the plan was approved") unless the live fingerprint is
+    the plan's. The lock is not held through the pause, so this is what keeps what the
+    approver saw true."""
+    changes = plan_changes(plan.fingerprint, live)
+    if changes:
+        message = stale_plan_message(plan.title, changes)
+        get_run_logger().error(message)
+        raise PlanChanged(message)

@@ -238,18 +238,41 @@ def test_approved_deploy_is_carried_out(platform, kube):
 
 @pytest.mark.slow
 def test_two_deploys_of_the_same_component_never_interleave(platform, kube):
-    first = start_in_thread(deploy, version="2.7.0", components=["frontend"], require_approval=True)
-    paused = wait_for_paused_run("deploy")  # holds the lock on deployment/frontend
+    kube.rollout_delay = 3  # the first holds the lock through a rollout that takes a while
+    first = start_in_thread(deploy, version="2.7.0", components=["frontend"])
+    wait_until(lambda: len(deployment_writes(kube, "frontend")) == 1, "the first run's write")
     second = start_in_thread(deploy, version="2.8.0", components=["frontend"])
     waiting = f"Taking lock {lock_name('deployment/frontend')}"
     wait_until(lambda: waiting in run_logs("deploy-2.8.0-frontend"), "the second run took the lock")
-    assert kube.writes == []  # the second deploy waits for the lock
+    assert len(deployment_writes(kube, "frontend")) == 1  # the second waits for the first
 
-    resume_flow_run(paused.id, run_input=APPROVE)
     assert first.join().is_completed()
     assert second.join().is_completed()
 
     writes = deployment_writes(kube, "frontend")
     images = [w.body["spec"]["template"]["spec"]["containers"][0]["image"] for w in writes]
     assert [i.rsplit(":", 1)[1] for i in images] == ["2.7.0", "2.8.0"]
+    assert image_of(kube, "frontend").endswith(":2.8.0")
+
+
+@pytest.mark.slow
+def test_a_deploy_approved_after_the_deployment_changed_is_refused(platform, kube):
+    revision = revision_of(kube, "frontend")
+    first = start_in_thread(deploy, version="2.7.0", components=["frontend"], require_approval=True)
+    paused = wait_for_paused_run("deploy")
+    plan = read_artifacts(paused.id)["approval-plan"].data
+    assert f"deployment/frontend revision = {revision}" in plan  # what the approver pins
+
+    # The paused run holds no lock: another deploy of the same Deployment goes through.
+    second = deploy(version="2.8.0", components=["frontend"], return_state=True)
+    assert second.is_completed(), second.message
+    kube.clear_writes()
+
+    resume_flow_run(paused.id, run_input=APPROVE)
+    state = first.join()
+
+    assert state.is_failed()
+    assert "changed since the plan was approved" in state.message
+    assert f"deployment/frontend revision: {revision} → {revision + 1}" in state.message
+    assert kube.writes == []  # nothing written on a stale plan
     assert image_of(kube, "frontend").endswith(":2.8.0")

@@ -14,7 +14,12 @@ the run.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
+from typing import Any
+
+from runbook.decisions.deployment import deployment_view
 
 STALE_PLAN = "changed since the plan was approved"
 
@@ -52,3 +57,21 @@ def stale_plan_message(title: str, changes: tuple[str, ...]) -> str:
         f"{title}: refused, the target {STALE_PLAN} ({'; '.join(changes)}). "
         "Nothing was changed; start a new run to plan against the current state."
     )
+
+
+def deployment_fingerprint(deployment: Mapping[str, Any]) -> dict[str, str]:
+    """What a plan about a Deployment's pods rests on: its revision and its pod template.
+
+    Not `generation` nor `resourceVersion`: an autoscaler changing `spec.replicas`, or an
+    annotation on the object (a maintenance window, a recorded intent), moves them without
+    touching what a deploy or rollback changes; with an HPA, an hour-long approval would
+    then almost always be refused. Any change to the pod template (image, env,
+    `kubectl rollout restart`) changes the hash and, once rolled, the revision.
+    """
+    view = deployment_view(dict(deployment))
+    template = json.dumps(view.template, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(template.encode()).hexdigest()[:12]
+    return {
+        f"deployment/{view.name} revision": str(view.revision),
+        f"deployment/{view.name} pod template": f"sha256:{digest}",
+    }
