@@ -3,6 +3,7 @@ Prefect server: each test asserts the emulator's recorded writes and the final s
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -15,10 +16,11 @@ from prefect.client.schemas.filters import (
 )
 from prefect.exceptions import ParameterTypeError
 from prefect.flow_runs import resume_flow_run
+from prefect.settings import PREFECT_API_URL
 
 from flows.deploy import deploy
 from tasks.locks import lock_name
-from tests.helpers import read_artifacts, start_in_thread, wait_for_paused_run
+from tests.helpers import prefect_rest, read_artifacts, start_in_thread, wait_for_paused_run
 from tests.release_helpers import (
     deployment_writes,
     image_of,
@@ -276,3 +278,32 @@ def test_a_deploy_approved_after_the_deployment_changed_is_refused(platform, kub
     assert f"deployment/frontend revision: {revision} → {revision + 1}" in state.message
     assert kube.writes == []  # nothing written on a stale plan
     assert image_of(kube, "frontend").endswith(":2.8.0")
+
+
+@pytest.mark.slow
+def test_a_lost_lock_stops_the_deploy_before_the_next_deployment_and_rolls_back(platform, kube):
+    recorded = {n: image_of(kube, n) for n in ("backend", "celery-workers", "frontend")}
+    kube.rollout_delay = 3  # the backend's rollout is under way while the lease is revoked
+    run = start_in_thread(deploy, version="3.0.0")
+    wait_until(lambda: len(deployment_writes(kube, "backend")) == 1, "the backend's new image")
+
+    # The server revokes the backend lock's lease mid-rollout (as for an expired lease).
+    holding = re.compile(rf"Holding lock {lock_name('deployment/backend')} \(lease ([0-9a-f-]+)\)")
+    lease = holding.search(run_logs("deploy-3.0.0-backend+frontend"))
+    assert lease, "the run logs the lease it holds"
+    with prefect_rest(str(PREFECT_API_URL.value())) as api:
+        api.post(
+            "/v2/concurrency_limits/decrement-with-lease", json={"lease_id": lease[1]}
+        ).raise_for_status()
+    state = run.join(120)
+
+    # The backend's rollout finished (nothing cut it halfway); the run stopped before the
+    # workers, and its undo put the backend back.
+    assert state.is_failed()
+    assert "lost the lock on deployment/backend" in state.message
+    writes = kube.writes
+    assert list(zip([w.name for w in writes], kinds_of(writes), strict=True)) == [
+        ("backend", "set-image"),
+        ("backend", "restore"),
+    ]
+    assert {n: image_of(kube, n) for n in recorded} == recorded
