@@ -75,3 +75,21 @@ def deployment_fingerprint(deployment: Mapping[str, Any]) -> dict[str, str]:
         f"deployment/{view.name} revision": str(view.revision),
         f"deployment/{view.name} pod template": f"sha256:{digest}",
     }
+
+
+def restore_fingerprint(
+    backup_id: str,
+    sha256: str | None,
+    replicas: Mapping[str, int],
+    schema_version: str | None,
+) -> dict[str, str]:
+    """What a restore's plan rests on: the backup (gone, or rewritten, is a change), the
+    writers' replica counts it scales back to, and the live schema version it was
+    compared with."""
+    fingerprint = {
+        f"backup {backup_id}": f"sha256:{sha256[:12]}" if sha256 else "absent",
+        "live schema version": schema_version or "none",
+    }
+    for name, count in sorted(replicas.items()):
+        fingerprint[f"deployment/{name} replicas"] = str(count)
+    return fingerprint
