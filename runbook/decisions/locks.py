@@ -93,3 +93,12 @@ def restore_fingerprint(
     for name, count in sorted(replicas.items()):
         fingerprint[f"deployment/{name} replicas"] = str(count)
     return fingerprint
+
+
+def certificate_fingerprint(name: str, revision: int, not_after: str) -> dict[str, str]:
+    """What a forced renewal's plan rests on: the Certificate's revision and notAfter (a
+    renewal by cert-manager during the pause changes both)."""
+    return {
+        f"certificate/{name} revision": str(revision),
+        f"certificate/{name} notAfter": not_after,
+    }
