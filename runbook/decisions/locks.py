@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from runbook.decisions.deployment import deployment_view
@@ -101,4 +101,13 @@ def certificate_fingerprint(name: str, revision: int, not_after: str) -> dict[st
     return {
         f"certificate/{name} revision": str(revision),
         f"certificate/{name} notAfter": not_after,
+    }
+
+
+def retention_fingerprint(keep: Iterable[str], delete: Iterable[str]) -> dict[str, str]:
+    """What an approved retention rests on: which backups it keeps and which it deletes.
+    A backup taken, deleted or completed during the pause changes the split."""
+    return {
+        "backups kept": ", ".join(sorted(keep)) or "none",
+        "backups deleted": ", ".join(sorted(delete)) or "none",
     }
