@@ -2,7 +2,9 @@
 
 1. a Prefect server with its UI on http://127.0.0.1:4200: on SQLite (state in .local/),
    or with `--prefect-db postgres` (`make up PREFECT_DB=postgres`) on a database of its
-   own on the sandbox's real PostgreSQL (state lasts as long as the sandbox),
+   own on the sandbox's real PostgreSQL (state lasts as long as the sandbox); lock
+   leases in its memory, Prefect's default: a restart of this server forgets them (see
+   README > Production for the Redis lease storage),
 2. the sandbox platform (PostgreSQL, Redis, moto, the Kubernetes emulator, the backend
    stand-in, a notification receiver), and
 3. every deployment in prefect.yaml, served by one process with its schedules live
@@ -160,6 +162,8 @@ def run_everything(host: str, port: int, prefect_db: str = "sqlite") -> None:
                     f"  Notifications to:  {platform.receiver.url}\n"
                     f"  Prometheus:        {platform.env['RUNBOOK_PROMETHEUS_URL']}\n"
                     f"  Alert bridge:      http://127.0.0.1:{ALERT_BRIDGE_PORT}/alertmanager\n"
+                    "  Lock leases:       in the server's memory (a server restart leaks held\n"
+                    "                     locks; production keeps them in Redis, see README)\n"
                     "  Every runbook in prefect.yaml is served; Ctrl-C stops everything.\n",
                     flush=True,
                 )

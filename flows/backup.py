@@ -28,6 +28,7 @@ from runbook.decisions.backups import (
     manifest_key,
     row_count_problems,
 )
+from runbook.decisions.locks import retention_fingerprint
 from runbook.decisions.retention import (
     DEFAULT_KEEP_DAILY,
     DEFAULT_KEEP_WEEKLY,
@@ -39,7 +40,7 @@ from runbook.decisions.retention import (
 from runbook.fault_points import fault_point
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import database_label, load_settings
-from tasks.approval import Plan, request_approval
+from tasks.approval import Plan, refuse_if_changed, request_approval
 from tasks.intent import clear_intent, record_intent
 from tasks.locks import exclusive
 from tasks.notify import announce
@@ -90,7 +91,10 @@ def backup(
       ISO weeks is kept; everything else of this database is deleted. A retention that would
       delete a backup the defaults (7 daily, 4 weekly: the nightly schedule) keep waits for an
       approval listing what it deletes, after the new backup is stored and the database's lock
-      released; rejected or timed out, nothing is deleted. The defaults never pause.
+      released; rejected or timed out, nothing is deleted. The defaults never pause. The
+      deletions take the database's lock again; after an approval the backups must still
+      split into kept and deleted as the plan showed, else nothing is deleted ("changed
+      since the plan was approved").
     - Never at the same time as a restore or migrations of the same database (its lock).
     - Optionally proven: `verify_restore` restores it into a scratch database and compares
       every table's row count with the manifest (the scratch database is always dropped).
@@ -158,18 +162,30 @@ def backup(
         announce(f":x: {failure}")
         raise
 
-    # 6. Apply retention; deleting what the defaults keep needs an approval first.
+    # 6. Apply retention; deleting what the defaults keep needs an approval first (asked
+    #    without the lock; under it the backups must still split as the plan showed).
     try:
         with timer.step("apply retention"):
+            plan: Plan | None = None
             if beyond:
                 approval = retention_approval(database, retention, beyond, keep_daily, keep_weekly)
-                request_approval(
-                    Plan(approval.title, approval.target, approval.steps, approval.facts)
+                plan = Plan(
+                    approval.title,
+                    approval.target,
+                    approval.steps,
+                    approval.facts,
+                    fingerprint=_split(retention),
                 )
+                request_approval(plan)
             if retention.keys_to_delete:
-                delete_objects(
-                    bucket, list(retention.keys_to_delete), len(retention.keys_to_delete)
-                )
+                with exclusive(f"database/{database}"):
+                    if plan is not None:
+                        entries = catalogue(list_objects(bucket, prefix), prefix)
+                        live = plan_retention(entries, keep_daily, keep_weekly)
+                        refuse_if_changed(plan, _split(live))
+                    delete_objects(
+                        bucket, list(retention.keys_to_delete), len(retention.keys_to_delete)
+                    )
     except BaseException as exc:
         failure = (
             f"Backup {backup_id} of {database} is stored, but retention was not applied "
@@ -197,6 +213,12 @@ def backup(
         "kept": [e.backup_id for e in retention.keep],
         "deleted": [e.backup_id for e in retention.delete],
     }
+
+
+def _split(retention: RetentionPlan) -> dict[str, str]:
+    return retention_fingerprint(
+        (e.backup_id for e in retention.keep), (e.backup_id for e in retention.delete)
+    )
 
 
 def _abort_stale_uploads(bucket: str, prefix: str) -> list[str]:

@@ -39,10 +39,11 @@ from runbook.decisions.certificates import (
     report_row,
     rfc3339,
 )
+from runbook.decisions.locks import certificate_fingerprint
 from runbook.decisions.refusal import Refused
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import K8S_NAME, PlatformSettings, load_settings
-from tasks.approval import Plan, request_approval
+from tasks.approval import Plan, refuse_if_changed, request_approval
 from tasks.cert_manager import (
     find_certificate_request,
     list_certificates,
@@ -195,28 +196,33 @@ def cert_renewal(
     namespace = settings.namespace
     timer = StepTimer()
 
-    with exclusive(f"certificate/{namespace}/{certificate}"):
-        # 1. Read the Certificate; an unknown one, or one already being issued, is refused.
-        with timer.step("read certificate"):
-            before = _find(certificate)
-            endpoint = _endpoint(settings, before) if verify_tls else None
-            served_before = _served_now(endpoint, settings, before)
+    # 1. Read the Certificate; an unknown one, or one already being issued, is refused.
+    #    No lock yet: reading changes nothing, and no lock is held through the approval.
+    with timer.step("read certificate"):
+        before = _find(certificate)
+        endpoint = _endpoint(settings, before) if verify_tls else None
+        served_before = _served_now(endpoint, settings, before)
 
-        # 2. Approval, showing the current certificate and what will happen.
-        with timer.step("approval"):
-            decision = request_approval(_plan(namespace, before, endpoint, served_before))
+    # 2. Approval, showing the current certificate and what will happen.
+    plan = _plan(namespace, before, endpoint, served_before)
+    with timer.step("approval"):
+        decision = request_approval(plan)
+
+    with exclusive(f"certificate/{namespace}/{certificate}"):
+        # 3. Under the lock: refuse if the Certificate changed since the plan was approved.
+        refuse_if_changed(plan, _fingerprint(_find(certificate)))
 
         # One write (Issuing=True): cert-manager completes the issuance without us.
         note = f"certificate/{certificate}: Issuing=True set; cert-manager issues it"
         target = f"certificate/{namespace}/{certificate}"
         intent = record_intent("cert-renewal", [target], [{"kind": "note", "text": note}])
-        # 3. cmctl renew: Issuing=True by a status update; the other conditions kept.
+        # 4. cmctl renew: Issuing=True by a status update; the other conditions kept.
         with timer.step("cmctl renew (Issuing=True)"):
             message = f"Manually triggered by {decision.approver}: {decision.reason}"
             renew_certificate(certificate, before.revision, message[:500])
 
         try:
-            # 4. Wait for cert-manager: Issuing gone, Ready, revision + 1, later notAfter.
+            # 5. Wait for cert-manager: Issuing gone, Ready, revision + 1, later notAfter.
             with timer.step("wait for issuance"):
                 after = certificate_state(
                     wait_for_certificate_issuance(certificate, before, deadline_seconds)
@@ -226,7 +232,7 @@ def cert_renewal(
                 if progress.phase is IssuancePhase.FAILED:
                     raise CertificateRenewalFailed(_failure(namespace, after, request))
 
-            # 5. Verify on the wire: the endpoint serves the new serial and notAfter.
+            # 6. Verify on the wire: the endpoint serves the new serial and notAfter.
             served = None
             if endpoint is not None:
                 with timer.step("verify by TLS handshake"):
@@ -240,7 +246,7 @@ def cert_renewal(
             raise CertificateRenewalFailed(problem) from None
 
     clear_intent(intent)
-    # 6. Report.
+    # 7. Report.
     summary = (
         f"certificate/{certificate} renewed: revision {before.revision} -> {after.revision}, "
         f"notAfter {rfc3339(before.not_after)} -> {rfc3339(after.not_after)}"
@@ -401,7 +407,12 @@ def _plan(
             "served now": _describe(served),
             "TLS Secret": f"{state.secret_name} (never deleted)",
         },
+        fingerprint=_fingerprint(state),
     )
+
+
+def _fingerprint(state: CertificateState) -> dict[str, str]:
+    return certificate_fingerprint(state.name, state.revision, rfc3339(state.not_after))
 
 
 def _publish(

@@ -16,8 +16,13 @@ Guarantees:
 - celery-workers run the backend's image and follow it by default (see
   `runbook.decisions.release.deploy_components`).
 - Two runs that change the same Deployment (deploy, rollback, scale) never interleave:
-  each holds the `deployment/<name>` lock from recording to the end.
-- Production always asks for an approval; elsewhere `require_approval` asks for one.
+  each holds the `deployment/<name>` lock from recording to the end. A lost lock stops the
+  run before the next Deployment, and what it touched is rolled back.
+- Production always asks for an approval; elsewhere `require_approval` asks for one. The
+  locks are not held through the approval pause (a rollback must not wait behind it):
+  they are taken after it, and each Deployment must then still be as the plan showed
+  (revision and pod template), else the run is refused ("changed since the plan was
+  approved") with nothing written.
 - A run stopped after its first write — cancelled from the UI or API, or its process sent
   SIGTERM (a node drain, Ctrl-C) — still puts back what it touched. How: on a cancel the
   runner first marks the run Cancelling, then SIGTERMs the process and SIGKILLs it 30 s
@@ -44,8 +49,10 @@ from pydantic import Field
 
 from flows.health_check import health_check
 from runbook.decisions.deployment import DeploymentView, deployment_view
+from runbook.decisions.locks import deployment_fingerprint
 from runbook.decisions.release import (
     TAG_PATTERN,
+    Component,
     Deployable,
     ImageChange,
     Recorded,
@@ -60,7 +67,7 @@ from runbook.decisions.rollout import RolloutOutcome
 from runbook.fault_points import fault_point
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import load_settings
-from tasks.approval import Plan, request_approval
+from tasks.approval import Plan, refuse_if_changed, request_approval
 from tasks.intent import clear_intent, record_intent
 from tasks.kubernetes import (
     list_deployment_revisions,
@@ -97,9 +104,18 @@ def _run_name() -> str:
     return f"deploy-{parameters.get('version', '?')}-{'+'.join(components)}"
 
 
-def record_component(component: str, deployment: str) -> Recorded:
-    """The component's current revision, image and pod template, as a rollback needs them."""
-    return record(component, read_deployment(deployment), list_deployment_revisions(deployment))
+def observe(
+    components: Sequence[Component], names: dict[Component, str]
+) -> tuple[list[Recorded], dict[str, str]]:
+    """Each component's current revision, image and pod template, as a rollback needs
+    them, and the fingerprint an approved plan rests on."""
+    records: list[Recorded] = []
+    fingerprint: dict[str, str] = {}
+    for component in components:
+        live = read_deployment(names[component])
+        records.append(record(component, live, list_deployment_revisions(names[component])))
+        fingerprint |= deployment_fingerprint(live)
+    return records, fingerprint
 
 
 def rollout_status(changed: DeploymentView) -> RolloutOutcome:
@@ -205,20 +221,32 @@ def deploy(
     wanted = deploy_components(components, workers_follow_backend)
     names = {c: settings.deployment_name(c) for c in wanted}
 
-    with exclusive_all(f"deployment/{name}" for name in names.values()):
-        # 1. Record each component's current revision and image (what a rollback restores).
+    needs_approval = settings.environment == "production" or require_approval
+    plan: Plan | None = None
+    if needs_approval:
+        # 1. Record each component and plan the change, without the locks: an approval
+        #    may wait an hour, and a rollback must not wait behind it.
         with timer.step("record current revisions"):
-            records = [record_component(c, names[c]) for c in wanted]
+            records, fingerprint = observe(wanted, names)
             changes = [c for c in plan_images(version, records) if c.changes]
+        # 2. Approval: always in production, on request elsewhere.
+        if changes:
+            plan = _plan(version, changes, fingerprint)
+            with timer.step("approval"):
+                request_approval(plan)
+
+    with exclusive_all(f"deployment/{name}" for name in names.values()) as locks:
+        # 3. Record each component's current revision and image (what a rollback restores),
+        #    under the locks; an approved plan must still be exactly what is live.
+        with timer.step("record current revisions"):
+            records, fingerprint = observe(wanted, names)
+            changes = [c for c in plan_images(version, records) if c.changes]
+        if plan is not None:
+            refuse_if_changed(plan, fingerprint)
         if not changes:
             rows = _rows(plan_images(version, records), {r.deployment: r.revision for r in records})
             _publish(version, "nothing to do: already at this version", rows, timer)
             return rows
-
-        # 2. Approval: always in production, on request elsewhere.
-        if settings.environment == "production" or require_approval:
-            with timer.step("approval"):
-                request_approval(_plan(version, changes))
 
         touched: list[ImageChange] = []
         after: dict[str, int] = {}
@@ -228,19 +256,21 @@ def deploy(
             "deploy", [f"deployment/{n}" for n in names.values()], _undo(changes)
         )
         try:
-            # 3. Set each image and watch its rollout, in order.
+            # 4. Set each image and watch its rollout, in order; stop before the next one
+            #    if the lock was lost meanwhile (then the except below rolls back).
             for change in changes:
+                locks.ensure_held()
                 # Counted as touched before the call: an ambiguous failure is undone too.
                 touched.append(change)
                 with timer.step(f"set image and roll out deployment/{change.recorded.deployment}"):
                     after[change.recorded.deployment] = roll_out(change).revision
                 fault_point(f"deploy: rolled out {change.recorded.deployment}")
 
-            # 4. Verify health.
+            # 5. Verify health.
             with timer.step("verify health"):
                 verify_health(health_timeout_seconds)
         except Exception as exc:
-            # 5. Failed: roll everything touched back to its recorded revision.
+            # Failed (or lock lost): roll everything touched back to its recorded revision.
             why = str(exc).rstrip(". ")
             logger.error("deploy of %s failed, rolling back: %s", version, why)
             with timer.step("roll back to recorded revisions"):
@@ -278,7 +308,7 @@ def _undo(changes: Sequence[ImageChange]) -> list[dict[str, Any]]:
     ]
 
 
-def _plan(version: str, changes: Sequence[ImageChange]) -> Plan:
+def _plan(version: str, changes: Sequence[ImageChange], fingerprint: dict[str, str]) -> Plan:
     steps = [
         f"kubectl set image deployment/{c.recorded.deployment} "
         f"{c.recorded.container}={c.target_image}, then watch its rollout "
@@ -299,6 +329,7 @@ def _plan(version: str, changes: Sequence[ImageChange]) -> Plan:
             f"{c.recorded.revision}) → {c.target_image}"
             for c in changes
         },
+        fingerprint=fingerprint,
     )
 
 

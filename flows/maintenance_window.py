@@ -49,6 +49,7 @@ from flows.restore import restore
 from runbook.decisions.backups import BACKUP_ID_PATTERN, LATEST
 from runbook.decisions.deployment import deployment_view, main_container
 from runbook.decisions.health import EXPECTED_STATUS, EndpointCheck, summarize
+from runbook.decisions.locks import deployment_fingerprint
 from runbook.decisions.maintenance import (
     WINDOW_ANNOTATION,
     Window,
@@ -62,7 +63,7 @@ from runbook.fault_points import fault_point
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import load_settings
 from tasks.alertmanager import create_silence, expire_silence
-from tasks.approval import Plan, request_approval
+from tasks.approval import Plan, refuse_if_changed, request_approval
 from tasks.http import check_endpoint, wait_until_drained
 from tasks.intent import clear_intent, record_intent
 from tasks.kubernetes import (
@@ -142,9 +143,10 @@ def maintenance_window(
     _refuse_if_open(backend, live)
     container = main_container(live)["name"]
 
-    # 2. Approval, showing the plan.
+    # 2. Approval, showing the plan (no lock held through the pause).
+    plan = _plan(backend, reason, duration_seconds, work, backup_id, _fingerprint(backend, live))
     with timer.step("approval"):
-        decision = request_approval(_plan(backend, reason, duration_seconds, work, backup_id))
+        decision = request_approval(plan)
     started = time.perf_counter()
     now = dt.datetime.now(dt.UTC)
     window = Window(
@@ -165,7 +167,10 @@ def maintenance_window(
     )
     try:
         # 3. Record the window on the backend Deployment, before anything changes.
+        #    Under the lock, the backend must still be as the plan showed (no window opened,
+        #    no deploy meanwhile), else refused with nothing changed.
         with timer.step("record the window"), exclusive(f"deployment/{backend}"):
+            refuse_if_changed(plan, _fingerprint(backend, read_deployment(backend)))
             leave.annotated = True  # before the call: an interrupted write is undone too
             annotate_deployment(backend, {WINDOW_ANNOTATION: window.annotation()})
 
@@ -392,7 +397,14 @@ class Leave:
 # --- what people see ---------------------------------------------------------------------
 
 
-def _plan(backend: str, reason: str, duration: int, work: Work, backup_id: str) -> Plan:
+def _plan(
+    backend: str,
+    reason: str,
+    duration: int,
+    work: Work,
+    backup_id: str,
+    fingerprint: dict[str, str],
+) -> Plan:
     inside = {
         "migrations": "Run the migrations runbook (its own approval) as a subflow",
         "restore": f"Run the restore runbook from backup {backup_id} (its own approval)",
@@ -420,7 +432,16 @@ def _plan(backend: str, reason: str, duration: int, work: Work, backup_id: str) 
             "duration": f"{duration} s (the window closes itself at this deadline)",
             "environment": settings.environment,
         },
+        fingerprint=fingerprint,
     )
+
+
+def _fingerprint(backend: str, live: dict[str, Any]) -> dict[str, str]:
+    """What the window's plan rests on: the backend's revision and pod template, and that
+    no other window is open on it."""
+    return deployment_fingerprint(live) | {
+        f"deployment/{backend} open window": "yes" if open_window_of(live) else "none"
+    }
 
 
 def _announcement(window: Window) -> str:

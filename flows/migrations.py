@@ -13,7 +13,9 @@ pod that serves traffic. Guarantees:
   that are safe under traffic; the approval plan shows which it is.
 - Approval first, showing the image, the command and the database.
 - The `database/<name>` lock: never at the same time as a backup or restore of that
-  database.
+  database. Taken after the approval, not held through the pause; the backend's revision
+  and pod template (image, env, maintenance mode) must then still be as the plan showed,
+  else the run is refused ("changed since the plan was approved") before any Job exists.
 - The Job's logs and `alembic current` are published; a failed Job fails the run with the
   end of its logs; a finished Job is deleted (already gone counts as deleted).
 - A Job still running is never deleted — not when our wait gives up, not when the run is
@@ -33,6 +35,7 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from pydantic import Field
 
+from runbook.decisions.locks import deployment_fingerprint
 from runbook.decisions.migrations import (
     MIGRATE_COMMAND,
     JobOutcome,
@@ -48,7 +51,7 @@ from runbook.decisions.refusal import Refused
 from runbook.redaction import redact_output
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import load_settings
-from tasks.approval import Plan, request_approval
+from tasks.approval import Plan, refuse_if_changed, request_approval
 from tasks.intent import clear_intent, record_intent
 from tasks.kubernetes import create_job, delete_job, read_deployment, read_job_logs, wait_for_job
 from tasks.locks import exclusive
@@ -132,11 +135,15 @@ def migrations(
         live, migration_job_name(backend, run_id), deadline_seconds, run_id=run_id
     )
     job = migration_job(body)
+    plan = _plan(backend, database, job, in_maintenance, deployment_fingerprint(live))
     with timer.step("approval"):
-        request_approval(_plan(backend, database, job, in_maintenance))
+        request_approval(plan)
 
-    # 4. Run it, holding the database's lock; a finished Job is deleted.
+    # 4. Run it, holding the database's lock (taken after the approval, not through it);
+    #    refused if the backend's image, env or maintenance mode changed meanwhile. A
+    #    finished Job is deleted.
     with timer.step(f"run job/{job.name}"), exclusive(f"database/{database}"):
+        refuse_if_changed(plan, deployment_fingerprint(read_deployment(backend)))
         # If this process dies, reconcile reports the Job (never deletes a running one).
         undo = [{"kind": "report-job", "job": job.name}]
         intent = record_intent("migrations", [f"database/{database}"], undo)
@@ -161,7 +168,13 @@ def migrations(
     return {"job": job.name, "image": job.image, "alembic_current": current}
 
 
-def _plan(backend: str, database: str, job: MigrationJob, in_maintenance: bool) -> Plan:
+def _plan(
+    backend: str,
+    database: str,
+    job: MigrationJob,
+    in_maintenance: bool,
+    fingerprint: dict[str, str],
+) -> Plan:
     return Plan(
         title=f"Run migrations on database {database}",
         target=f"database/{database}",
@@ -179,6 +192,7 @@ def _plan(backend: str, database: str, job: MigrationJob, in_maintenance: bool) 
             "env (names only)": ", ".join(job.env_names) or "-",
             "envFrom": ", ".join(job.env_from) or "-",
         },
+        fingerprint=fingerprint,
     )
 
 

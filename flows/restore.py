@@ -36,6 +36,7 @@ from runbook.decisions.backups import (
     row_count_problems,
     select_backup,
 )
+from runbook.decisions.locks import restore_fingerprint
 from runbook.decisions.restore import (
     DiskSpace,
     LiveState,
@@ -48,7 +49,7 @@ from runbook.decisions.restore import (
 from runbook.fault_points import fault_point
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import database_label, load_settings
-from tasks.approval import Plan, request_approval
+from tasks.approval import Plan, refuse_if_changed, request_approval
 from tasks.intent import recorded_intent
 from tasks.kubernetes import (
     read_deployment_scale,
@@ -56,7 +57,7 @@ from tasks.kubernetes import (
     scale_deployment,
     wait_for_rollout,
 )
-from tasks.locks import exclusive_all
+from tasks.locks import HeldLocks, exclusive_all
 from tasks.notify import announce
 from tasks.postgres import (
     count_rows,
@@ -69,7 +70,7 @@ from tasks.postgres import (
     swap_databases,
 )
 from tasks.postgres_streams import list_archive, pg_restore_from_s3
-from tasks.retry_policy import done_if_gone
+from tasks.retry_policy import done_if_gone, is_gone
 from tasks.s3 import get_object_bytes, list_objects
 from tasks.s3_streams import hash_object
 
@@ -118,8 +119,14 @@ def restore(
       were not. A chat failure never changes the outcome nor hides the cause.
     - Health is checked after the swap (the health-check flow, as a subflow).
     - Holds the locks of the database and of the backend and workers Deployments from the
-      first check to the last step: no backup or migrations of the database meanwhile, no
-      `scale` bringing writers back mid-restore, and what the approver saw stays true.
+      approval to the swap: no backup or migrations of the database meanwhile, no `scale`
+      bringing writers back mid-restore. They are not held through the approval pause
+      (a rollback or scale must not wait behind it); what the approver saw stays true by
+      a check under the locks: the backup (still there, same SHA-256), the writers'
+      replica counts and the live schema version must be as the plan showed, else the run
+      is refused ("changed since the plan was approved") before anything is created. A
+      lost lock stops the run before the writers stop and before the swap; the scratch
+      database is dropped and the writers scaled back as on any failure.
 
     Args:
         backup_id: Which backup: `latest` (the newest complete one) or an id such as
@@ -141,8 +148,9 @@ def restore(
     locks = [f"database/{database}", *(f"deployment/{name}" for name in writers)]
     outcome = RestoreOutcome(database)
 
-    with reported(outcome, timer), exclusive_all(locks):
+    with reported(outcome, timer):
         # 1. Find the backup: the one asked for, or the newest complete one.
+        #    No lock yet: steps 1-5 only read, and no lock is held through the approval.
         with timer.step("find the backup"):
             entry = select_backup(catalogue(list_objects(bucket, prefix), prefix), backup_id)
 
@@ -156,38 +164,31 @@ def restore(
         # 4. Plan it; refuse a schema change not allowed, or a copy the disk cannot hold.
         plan = plan_restore(manifest, len(tables), live, allow_schema_change, _now())
         outcome.plan = plan
+        approved = Plan(
+            plan.title,
+            plan.target,
+            plan.steps,
+            plan.facts,
+            fingerprint=restore_fingerprint(
+                manifest.backup_id, manifest.sha256, live.replicas, live.schema_version
+            ),
+        )
 
         # 5. Ask, showing age, size, source, schema versions, disk space and target.
         with timer.step("approval"):
-            request_approval(Plan(plan.title, plan.target, plan.steps, plan.facts))
+            request_approval(approved)
 
-        # 6. Restore into a scratch database beside the live one; writers keep running.
-        with (
-            recorded_intent("restore", locks, _undo(plan, database)),
-            scratch_database(plan.scratch, database, outcome),
-        ):
-            with timer.step(f"pg_restore into {plan.scratch}"):
-                pg_restore_from_s3(
-                    bucket,
-                    manifest.archive_key,
-                    manifest.compression,
-                    manifest.sha256,
-                    plan.scratch,
-                    jobs,
-                )
+        with exclusive_all(locks) as held:
+            # 6. Under the locks: refuse if the backup, the writers or the schema changed
+            #    since the plan was approved.
+            refuse_if_changed(approved, _live_fingerprint(bucket, entry, database, writers))
+            # Recorded outside this process before the first write: if it dies, reconcile
+            # lets the live database accept connections, drops the scratch copy and
+            # scales the writers back.
+            with recorded_intent("restore", locks, _undo(plan, database)):
+                _restore_and_swap(plan, jobs, bucket, outcome, timer, held)
 
-            # 7. Stop the writers, for the last check and the swap only.
-            with writers_stopped(plan.replicas, outcome, timer):
-                # 8. Every table's row count as in the manifest, or no swap.
-                with timer.step("compare row counts"):
-                    _compare_row_counts(plan, outcome)
-
-                # 9. Swap it in; the old database stays, renamed.
-                with timer.step("swap databases"):
-                    swap_databases(database, plan.scratch, plan.keep_as)
-                    outcome.swapped = True
-
-        # 10. Wait for the writers, then check the platform's health.
+        # 11. Wait for the writers, then check the platform's health.
         with timer.step("health check"):
             outcome.health = _check_health(plan.replicas, check_health)
         if outcome.health:
@@ -198,6 +199,64 @@ def restore(
         "database": database,
         "previous_database": plan.keep_as,
     }
+
+
+def _restore_and_swap(
+    plan: RestorePlan,
+    jobs: int,
+    bucket: str,
+    outcome: RestoreOutcome,
+    timer: StepTimer,
+    held: HeldLocks,
+) -> None:
+    """Steps 7-9, under the locks; a lost lock stops it before the writers stop and before
+    the swap (the scratch database is dropped and the writers scaled back, as on any
+    failure)."""
+    database, manifest = plan.database, plan.manifest
+    # 7. Restore into a scratch database beside the live one; writers keep running.
+    with scratch_database(plan.scratch, database, outcome):
+        with timer.step(f"pg_restore into {plan.scratch}"):
+            pg_restore_from_s3(
+                bucket,
+                manifest.archive_key,
+                manifest.compression,
+                manifest.sha256,
+                plan.scratch,
+                jobs,
+            )
+
+        # 8. Stop the writers, for the last check and the swap only (still our locks?).
+        held.ensure_held()
+        with writers_stopped(plan.replicas, outcome, timer):
+            # 9. Every table's row count as in the manifest, or no swap.
+            with timer.step("compare row counts"):
+                _compare_row_counts(plan, outcome)
+
+            # 10. Swap it in; the old database stays, renamed (still our locks?).
+            held.ensure_held()
+            with timer.step("swap databases"):
+                swap_databases(database, plan.scratch, plan.keep_as)
+                outcome.swapped = True
+
+
+def _live_fingerprint(
+    bucket: str, entry: BackupEntry, database: str, writers: list[str]
+) -> dict[str, str]:
+    """The restore's fingerprint as the platform is now (see `restore_fingerprint`)."""
+    assert entry.manifest_key is not None and entry.archive_key is not None
+    sha256: str | None = None
+    try:
+        manifest = parse_manifest(get_object_bytes(bucket, entry.manifest_key), entry.archive_key)
+        sha256 = manifest.sha256
+    except Exception as exc:
+        if not is_gone(exc):
+            raise
+    return restore_fingerprint(
+        entry.backup_id,
+        sha256,
+        {name: read_deployment_scale(name) for name in writers},
+        read_schema_version(database),
+    )
 
 
 def _now() -> dt.datetime:

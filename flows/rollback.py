@@ -8,7 +8,10 @@ revision's ReplicaSet becomes the Deployment's again (the controller then gives 
 revision number, as Kubernetes does). Without `to_revision` it is the revision before the
 current one. A revision that does not exist is refused before anything changes, listing
 the ones that do. The approval shows the current and target revision and image. The
-`deployment/<name>` lock keeps it from interleaving with a deploy or a scale.
+`deployment/<name>` lock keeps it from interleaving with a deploy or a scale; it is taken
+after the approval, not held through the pause, and the Deployment must then still be as
+the plan showed (revision and pod template), else the run is refused ("changed since the
+plan was approved") with nothing written.
 
 `rollout-history` is the read-only `kubectl rollout history`, as a table.
 """
@@ -25,6 +28,7 @@ from pydantic import Field
 
 from flows.deploy import UnhealthyAfterRollout, verify_health
 from runbook.decisions.deployment import deployment_view
+from runbook.decisions.locks import deployment_fingerprint
 from runbook.decisions.release import (
     Component,
     RollbackChoice,
@@ -33,7 +37,7 @@ from runbook.decisions.release import (
 )
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import load_settings
-from tasks.approval import Plan, request_approval
+from tasks.approval import Plan, refuse_if_changed, request_approval
 from tasks.intent import clear_intent, record_intent
 from tasks.kubernetes import (
     list_deployment_revisions,
@@ -83,26 +87,31 @@ def rollback(
     name = load_settings().deployment_name(deployment)
     timer = StepTimer()
 
+    # 1. Read the rollout history and choose the target revision (refused if absent).
+    #    No lock yet: reading changes nothing, and the lock is not held through the pause.
+    with timer.step("read rollout history"):
+        live = read_deployment(name)
+        revisions = list_deployment_revisions(name)
+        choice = choose_rollback(live, revisions, to_revision)
+    current, target = choice.current, choice.target
+    if choice.already_there:
+        summary = (
+            f"deployment/{name} already runs the template of revision {target['revision']} "
+            f"({_images(target)}); nothing to do"
+        )
+        _publish(name, summary, choice, None, timer)
+        return {"deployment": name, "revision": current["revision"], "changed": False}
+
+    # 2. Approval, showing current → target revision and image.
+    plan = _plan(name, choice, deployment_fingerprint(live))
+    with timer.step("approval"):
+        decision = request_approval(plan)
+
     with exclusive(f"deployment/{name}"):
-        # 1. Read the rollout history and choose the target revision (refused if absent).
-        with timer.step("read rollout history"):
-            live = read_deployment(name)
-            revisions = list_deployment_revisions(name)
-            choice = choose_rollback(live, revisions, to_revision)
-        current, target = choice.current, choice.target
-        if choice.already_there:
-            summary = (
-                f"deployment/{name} already runs the template of revision {target['revision']} "
-                f"({_images(target)}); nothing to do"
-            )
-            _publish(name, summary, choice, None, timer)
-            return {"deployment": name, "revision": current["revision"], "changed": False}
+        # 3. Refuse if the Deployment changed since the plan was approved.
+        refuse_if_changed(plan, deployment_fingerprint(read_deployment(name)))
 
-        # 2. Approval, showing current → target revision and image.
-        with timer.step("approval"):
-            decision = request_approval(_plan(name, choice))
-
-        # 3. Make the target revision's pod template the Deployment's, and watch the rollout.
+        # 4. Make the target revision's pod template the Deployment's, and watch the rollout.
         cause = (
             f"rollback to revision {target['revision']} by {decision.approver}: {decision.reason}"
         )
@@ -123,20 +132,20 @@ def rollback(
                 announce(f":rotating_light: {problem}")
                 raise RollbackFailed(problem)
 
-        # 4. Verify health.
-        health = "not checked"
-        if verify:
-            with timer.step("verify health"):
-                try:
-                    health = verify_health(health_timeout_seconds)
-                except UnhealthyAfterRollout as exc:
-                    problem = f"deployment/{name} rolled back, but {exc}"
-                    _publish(name, problem, choice, outcome.revision, timer)
-                    announce(f":rotating_light: {problem}")
-                    raise RollbackFailed(problem) from None
+    # 5. Verify health (read-only: the lock is free for the next change already).
+    health = "not checked"
+    if verify:
+        with timer.step("verify health"):
+            try:
+                health = verify_health(health_timeout_seconds)
+            except UnhealthyAfterRollout as exc:
+                problem = f"deployment/{name} rolled back, but {exc}"
+                _publish(name, problem, choice, outcome.revision, timer)
+                announce(f":rotating_light: {problem}")
+                raise RollbackFailed(problem) from None
 
     clear_intent(intent)
-    # 5. Report.
+    # 6. Report.
     summary = (
         f"deployment/{name} rolled back from revision {current['revision']} "
         f"({_images(current)}) to the template of revision {target['revision']} "
@@ -148,7 +157,7 @@ def rollback(
     return {"deployment": name, "revision": outcome.revision, "changed": True}
 
 
-def _plan(name: str, choice: RollbackChoice) -> Plan:
+def _plan(name: str, choice: RollbackChoice, fingerprint: dict[str, str]) -> Plan:
     current, target = choice.current, choice.target
     return Plan(
         title=f"Roll back deployment/{name} to revision {target['revision']}",
@@ -164,6 +173,7 @@ def _plan(name: str, choice: RollbackChoice) -> Plan:
             "target change-cause": target["change_cause"] or "-",
             "target created": target["created"] or "-",
         },
+        fingerprint=fingerprint,
     )
 
 

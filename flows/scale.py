@@ -16,6 +16,9 @@ replicas running) waits for an approval first (`judge_autoscale`).
 Both take an optional `requested_by`: the approver must then be someone else.
 
 Both hold the `deployment/<name>` lock, so they never interleave with a deploy or rollback.
+`scale` takes it after an approval, not through the pause, and then refuses if the
+replica count is no longer the one the plan showed ("changed since the plan was
+approved").
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from runbook.decisions.scaling import (
 from runbook.fault_points import fault_point
 from runbook.report import markdown_table
 from runbook.settings import load_settings
-from tasks.approval import Plan, request_approval
+from tasks.approval import Plan, refuse_if_changed, request_approval
 from tasks.intent import clear_intent, record_intent
 from tasks.kubernetes import (
     apply_horizontal_pod_autoscaler,
@@ -82,35 +85,40 @@ def scale(
     # 1. Check the count against this component's floor and ceiling, before any call.
     verdict = judge_scale(deployment, replicas)
 
+    # 2. Read the current count, and whether an autoscaler will override ours.
+    current = read_deployment_scale(name)
+    note = hpa_note(read_horizontal_pod_autoscaler(hpa_name(name)), replicas)
+
+    # 3. Below the floor or to zero: approval first (no lock held through the pause).
+    plan: Plan | None = None
+    if verdict.needs_approval and current != replicas:
+        bounds = REPLICA_BOUNDS[deployment]
+        plan = Plan(
+            title=f"Scale deployment/{name} to {replicas}",
+            target=f"deployment/{name}",
+            steps=(f"kubectl scale deployment/{name} --replicas={replicas}",),
+            facts={
+                "current replicas": str(current),
+                "target replicas": str(replicas),
+                "why approval": verdict.reason,
+                "bounds": f"floor {bounds.floor}, ceiling {bounds.ceiling}",
+                "autoscaler": note,
+            },
+            fingerprint={f"deployment/{name} replicas": str(current)},
+        )
+        request_approval(plan)
+
     with exclusive(f"deployment/{name}"):
-        # 2. Read the current count, and whether an autoscaler will override ours.
+        # 4. Under the lock: the count now; an approved plan must still be the truth.
         current = read_deployment_scale(name)
-        hpa = read_horizontal_pod_autoscaler(hpa_name(name))
-        note = hpa_note(hpa, replicas)
+        if plan is not None:
+            refuse_if_changed(plan, {f"deployment/{name} replicas": str(current)})
         if current == replicas:
             summary = f"deployment/{name} already has {replicas} replicas; nothing to do"
             _publish(name, summary, current, current, note)
             return {"deployment": name, "before": current, "after": current}
 
-        # 3. Below the floor or to zero: approval first.
-        if verdict.needs_approval:
-            bounds = REPLICA_BOUNDS[deployment]
-            request_approval(
-                Plan(
-                    title=f"Scale deployment/{name} to {replicas}",
-                    target=f"deployment/{name}",
-                    steps=(f"kubectl scale deployment/{name} --replicas={replicas}",),
-                    facts={
-                        "current replicas": str(current),
-                        "target replicas": str(replicas),
-                        "why approval": verdict.reason,
-                        "bounds": f"floor {bounds.floor}, ceiling {bounds.ceiling}",
-                        "autoscaler": note,
-                    },
-                )
-            )
-
-        # 4. Scale, and wait for the replicas to be available.
+        # 5. Scale, and wait for the replicas to be available.
         intent = record_intent("scale", [f"deployment/{name}"], _note(name, current, replicas))
         after = scale_deployment(name, replicas)
         fault_point("scale: scaled")
@@ -120,7 +128,7 @@ def scale(
                 raise RuntimeError(f"scaling deployment/{name} failed: {outcome.reason}")
         clear_intent(intent)
 
-    # 5. Report.
+    # 6. Report.
     summary = f"deployment/{name} scaled from {current} to {after} replicas ({verdict.reason})"
     _publish(name, summary, current, after, note)
     logger.info(summary)

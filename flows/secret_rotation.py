@@ -26,6 +26,10 @@ Which secrets exist is configuration (`RUNBOOK_API_KEY_SECRET_ID`,
 parameter, a log line, an artifact, an event, a state message or a task result: tasks
 pass version ids, and a value is read from Secrets Manager only by the step that needs it.
 Holds `secret/<id>` and the `deployment/<name>` locks of the Deployments it restarts.
+In production the approval comes first, with no lock held through the pause; under the
+locks the AWSCURRENT version must then still be the one the plan showed, else the run is
+refused ("changed since the plan was approved") with nothing written. A lost lock stops
+it before its next write step, and the undo runs as for any failure.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from runbook.decisions.secrets import KeyCheck, SecretName, rotation_token, stag
 from runbook.fault_points import fault_point
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import MissingSetting, PlatformSettings, load_settings
-from tasks.approval import Plan, request_approval
+from tasks.approval import Plan, refuse_if_changed, request_approval
 from tasks.http import status_with_api_key
 from tasks.intent import clear_intent, record_intent
 from tasks.locks import exclusive_all
@@ -113,52 +117,62 @@ def secret_rotation(
     workloads = [settings.backend_deployment, settings.workers_deployment]
     locks = [f"secret/{target.secret_id}", *(f"deployment/{name}" for name in workloads)]
 
-    with exclusive_all(locks):
-        # 1. Record which version is AWSCURRENT: what an undo goes back to.
+    plan: Plan | None = None
+    if settings.environment == "production":
+        # 1. Read which version is AWSCURRENT and 2. ask, in production (no lock held
+        #    through the pause: a restart or rollback must not wait behind it).
         with timer.step("read current version"):
-            stages = stages_of(describe_secret_versions(target.secret_id))
-        if stages.current is None:
-            raise RotationFailed(f"{target.secret_id} has no AWSCURRENT version to rotate")
-        progress = Progress(old=stages.current)
-        token = rotation_token(str(flow_run.id), target.secret_id)
+            current = _current_version(target)
+        plan = _plan(target, current, workloads)
+        with timer.step("approval"):
+            request_approval(plan)
 
-        # 2. Approval in production.
-        if settings.environment == "production":
-            with timer.step("approval"):
-                request_approval(_plan(target, stages.current, workloads))
+    with exclusive_all(locks) as held:
+        # 3. Under the locks, record which version is AWSCURRENT: what an undo goes back
+        #    to; an approved plan must still be the truth.
+        with timer.step("read current version"):
+            current = _current_version(target)
+        if plan is not None:
+            refuse_if_changed(plan, _fingerprint(target, current))
+        progress = Progress(old=current)
+        token = rotation_token(str(flow_run.id), target.secret_id)
 
         # If this process dies, reconcile removes AWSPENDING and puts AWSCURRENT back.
         intent = record_intent(
             "secret-rotation", locks, _intent_undo(target, progress.old, token, workloads)
         )
         try:
-            # 3. createSecret: a new value as AWSPENDING, its version id derived from the run.
+            # 4. createSecret: a new value as AWSPENDING, its version id derived from the run.
             with timer.step("createSecret (AWSPENDING)"):
                 progress.new = create_pending_version(target.secret_id, token, secret)
-            # 4. setSecret: the database password is changed on the role (API key: nothing).
+            # 5. setSecret: the database password is changed on the role (API key: nothing).
+            #    Each write step starts only while the locks are still ours.
             if target.role:
+                held.ensure_held()
                 with timer.step(f"setSecret (ALTER ROLE {target.role})"):
                     progress.role_changed = True  # before the call: an ambiguous failure too
                     alter_role_password(target.role, _value(target, progress.new))
-            # 5. testSecret: a real login with the new password.
+            # 6. testSecret: a real login with the new password.
             if target.role:
                 with timer.step(f"testSecret (log in as {target.role})"):
                     log_in_as(target.role, _value(target, progress.new))
-            # 6. finishSecret: AWSCURRENT to the new version, then AWSPENDING off it.
+            # 7. finishSecret: AWSCURRENT to the new version, then AWSPENDING off it.
+            held.ensure_held()
             with timer.step("finishSecret (AWSCURRENT moved)"):
                 progress.finishing = True
                 move_current_stage(target.secret_id, progress.new, progress.old)
                 remove_pending_stage(target.secret_id, progress.new)
             fault_point("secret-rotation: finishSecret done")
-            # 7. Restart backend and celery-workers so their pods load it; wait for both.
+            # 8. Restart backend and celery-workers so their pods load it; wait for both.
+            held.ensure_held()
             with timer.step("rollout restart " + ", ".join(workloads)):
                 progress.revisions = restart_deployments(workloads)
-            # 8. Verify health, and that the restarted pods use the new value.
+            # 9. Verify health, and that the restarted pods use the new value.
             with timer.step("verify health and the new value"):
                 health = verify_health(health_timeout_seconds)
                 _verify_in_use(target, settings, progress.new, progress.old, "new")
         except BaseException as exc:
-            # 9. Failed or cancelled: put back what was changed, then fail saying so.
+            # 10. Failed, lock lost or cancelled: put back what was changed, fail saying so.
             why = str(exc).rstrip(". ") or type(exc).__name__
             logger.error("rotation of %s failed, undoing: %s", target.secret_id, why)
             with timer.step("undo"):
@@ -170,7 +184,7 @@ def secret_rotation(
             raise RotationFailed(summary) from None
 
     clear_intent(intent)
-    # 10. Report and tell chat.
+    # 11. Report and tell chat.
     summary = (
         f"{target.secret_id} rotated: AWSCURRENT is version {progress.new} (AWSPREVIOUS "
         f"{progress.old}); {' and '.join(workloads)} restarted and use it; {health}"
@@ -288,7 +302,20 @@ def _plan(target: RotationTarget, current: str, workloads: list[str]) -> Plan:
             "used by": f"PostgreSQL role {target.role}" if target.role else "API clients",
             "restarts": ", ".join(workloads),
         },
+        fingerprint=_fingerprint(target, current),
     )
+
+
+def _fingerprint(target: RotationTarget, current: str) -> dict[str, str]:
+    """What a rotation's plan rests on: the version that is AWSCURRENT."""
+    return {f"{target.secret_id} AWSCURRENT version": current}
+
+
+def _current_version(target: RotationTarget) -> str:
+    stages = stages_of(describe_secret_versions(target.secret_id))
+    if stages.current is None:
+        raise RotationFailed(f"{target.secret_id} has no AWSCURRENT version to rotate")
+    return stages.current
 
 
 def _publish(target: RotationTarget, summary: str, progress: Progress, timer: StepTimer) -> None:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
@@ -33,6 +34,7 @@ from prefect.states import Failed
 from pydantic import Field
 
 from runbook.decisions.approval import Requester, requester_of, same_person
+from runbook.decisions.locks import plan_changes, stale_plan_message
 from runbook.settings import load_settings
 from tasks.notify import notify_chat
 
@@ -70,6 +72,9 @@ class Plan:
     target: str
     steps: tuple[str, ...]
     facts: dict[str, str] = field(default_factory=dict)
+    # What the target must still be when the flow acts (after the approval, under the
+    # lock): checked by `refuse_if_changed`, shown to the approver.
+    fingerprint: dict[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -83,6 +88,9 @@ class Plan:
             lines.append("")
         lines.append("**Steps, in order:**")
         lines += [f"{n}. {step}" for n, step in enumerate(self.steps, 1)]
+        if self.fingerprint:
+            pinned = ", ".join(f"{name} = {value}" for name, value in self.fingerprint.items())
+            lines += ["", f"Carried out only if, when it starts, still: {pinned}."]
         return "\n".join(lines)
 
 
@@ -144,7 +152,7 @@ def request_approval(plan: Plan) -> ApprovalDecision:
     logger = get_run_logger()
     requester = current_requester()
     requested_by = requester.describe() if requester else "unknown (no identity on this run)"
-    plan = Plan(plan.title, plan.target, plan.steps, {**plan.facts, "requested by": requested_by})
+    plan = replace(plan, facts={**plan.facts, "requested by": requested_by})
     create_markdown_artifact(markdown=plan.markdown(), key="approval-plan", description=plan.title)
     _record(
         plan,
@@ -206,3 +214,19 @@ def _wait_for_decision(
         _record(plan, "timed-out", message, requester)
         notify_chat(f":hourglass: {message}")
         raise ApprovalTimedOut(message) from None
+
+
+class PlanChanged(RuntimeError):
+    """The target changed between the plan and the moment the flow could act: refused."""
+
+
+def refuse_if_changed(plan: Plan, live: Mapping[str, str]) -> None:
+    """Call under the target's lock, after the approval and before the first write: raise
+    `PlanChanged` ("changed since the plan was approved") unless the live fingerprint is
+    the plan's. The lock is not held through the pause, so this is what keeps what the
+    approver saw true."""
+    changes = plan_changes(plan.fingerprint, live)
+    if changes:
+        message = stale_plan_message(plan.title, changes)
+        get_run_logger().error(message)
+        raise PlanChanged(message)

@@ -1,25 +1,108 @@
-"""One change at a time per target: a Prefect global concurrency limit of 1 per target.
+"""One change at a time per target: a Prefect global concurrency limit of 1 per target,
+held through a lease that cannot leak or lie.
 
-`strict=True` matters: without it, a limit that does not exist is silently skipped and
-the change runs unprotected. So the limit is created first if it is missing.
+- The limit is created if it is missing (`strict=True`: a missing limit is an error, never
+  a silent "runs unprotected").
+- An inactive limit, or one with more than one slot, is not a lock: the run refuses with
+  `LockUnsafe` (naming the `prefect gcl update` that fixes it) instead of running
+  unprotected. Checked once the slot is held, so a limit changed meanwhile is caught too.
+- The lease is renewed by our own thread that never interrupts the flow. Prefect's
+  `concurrency(strict=True)` injects a cancellation at whatever line the flow is on when a
+  renewal fails, which can stop a deploy between two Deployments with no undo. Here a lost
+  lease (revoked, expired, or its limit deactivated) is only recorded; the flow calls
+  `HeldLocks.ensure_held()` between its steps, which raises `LockLost` — an ordinary
+  exception, so the flow's undo runs as for any failed step. A transient error while
+  renewing is retried until the lease would have expired.
+- The lease names its holder (the flow run) and its id is logged: an operator can free a
+  lock whose holder is gone with `POST /api/v2/concurrency_limits/decrement-with-lease`.
+- Leases live in the Prefect server's lease storage: memory by default (a server restart
+  forgets them while the slot stays taken), the Redis one of `prefect-redis` in
+  production (README, Production).
 """
 
 from __future__ import annotations
 
+import contextvars
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field
+from uuid import UUID
 
+import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+
+# Prefect's own acquisition (waits on 423 with Retry-After, honours the timeout, registers
+# the lease for cleanup) and release; the public `concurrency()` wraps exactly these but
+# hides the lease id that `ensure_held` needs. prefect is pinned (==3.9.1).
+from prefect.concurrency._sync import (
+    acquire_concurrency_slots_with_lease,
+    release_concurrency_slots_with_lease,
+)
+from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
+from runbook.decisions.locks import lock_problem
 from tasks.logs import run_logger
+from tasks.retry_policy import call_with_retries, is_transient
+
+# The server keeps a lease this long without a renewal; its repossessor then frees the slot.
+LEASE_SECONDS = 300.0
+# Renewed well before that, so a few minutes of API trouble never lose a live lease.
+RENEW_EVERY_SECONDS = 60.0
+# After a failed renewal, try again this soon.
+RENEW_RETRY_SECONDS = 5.0
+
+
+class LockLost(RuntimeError):
+    """The run no longer holds a target's lock; it stops at this step boundary (and undoes)."""
+
+
+class LockUnsafe(RuntimeError):
+    """The target's limit would not keep changes apart (inactive, or more than one slot)."""
 
 
 def lock_name(target: str) -> str:
     """`deployment/backend` → `runbook-lock-deployment-backend` (a valid limit name)."""
     return "runbook-lock-" + "".join(c if c.isalnum() else "-" for c in target.lower())
+
+
+@dataclass
+class _Lease:
+    target: str
+    name: str
+    lease_id: UUID
+    lost: str | None = None  # why, once the renewal thread found it gone
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class HeldLocks:
+    """What `exclusive`/`exclusive_all` yield: the leases held, for `ensure_held()`."""
+
+    leases: list[_Lease] = field(default_factory=list)
+
+    def ensure_held(self) -> None:
+        """Call at a step boundary: raises `LockLost` if any lease is gone (revoked,
+        expired, its limit deleted, deactivated or resized); renews the others."""
+        for lease in self.leases:
+            if lease.lost is None:
+                lease.lost = _check_lease(lease)
+            if lease.lost is not None:
+                raise LockLost(
+                    f"lost the lock on {lease.target} ({lease.lost}); stopped before the "
+                    "next step so nothing else changes without it"
+                )
+
+
+def _holder() -> ConcurrencyLeaseHolder | None:
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return None
+    return ConcurrencyLeaseHolder(type="flow_run", id=context.flow_run.id)
 
 
 def _ensure_limit(name: str) -> None:
@@ -34,20 +117,116 @@ def _ensure_limit(name: str) -> None:
                 )
 
 
+def _limit_problem(name: str) -> str | None:
+    """Why the limit `name` is not a lock now (gone, inactive, resized), or None."""
+    try:
+        with get_client(sync_client=True) as prefect_api:
+            limit = call_with_retries(
+                f"read lock {name}", lambda: prefect_api.read_global_concurrency_limit_by_name(name)
+            )
+    except ObjectNotFound:
+        return f"lock {name} was deleted"
+    return lock_problem(name, bool(limit.active), limit.limit)
+
+
+def _renew(lease: _Lease) -> str | None:
+    """Renew once; why the lease is gone (410/404), or None when renewed. Transient
+    failures raise."""
+    try:
+        with get_client(sync_client=True) as prefect_api:
+            prefect_api.renew_concurrency_lease(lease.lease_id, lease_duration=LEASE_SECONDS)
+    except Exception as exc:
+        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code in (404, 410):
+            return f"lease {lease.lease_id} was revoked or expired"
+        raise
+    return None
+
+
+def _check_lease(lease: _Lease) -> str | None:
+    gone = call_with_retries(f"renew lease of {lease.name}", lambda: _renew(lease))
+    return gone or _limit_problem(lease.name)
+
+
+def _keep_renewed(lease: _Lease) -> None:
+    """The renewal thread: renew every RENEW_EVERY_SECONDS; on a transient failure retry
+    until the lease would have expired. Records a loss, never interrupts the flow."""
+    renewed_at = time.monotonic()
+    wait = RENEW_EVERY_SECONDS
+    while not lease.stop.wait(wait) and lease.lost is None:
+        try:
+            lease.lost = _renew(lease)
+            renewed_at, wait = time.monotonic(), RENEW_EVERY_SECONDS
+        except Exception as exc:
+            if not is_transient(exc) or time.monotonic() - renewed_at > LEASE_SECONDS:
+                lease.lost = f"could not renew lease {lease.lease_id}: {exc}"
+            else:
+                wait = RENEW_RETRY_SECONDS
+    if lease.lost is not None and not lease.stop.is_set():
+        run_logger().error("%s; the run stops at its next step", lease.lost)
+
+
+def _release(lease: _Lease) -> None:
+    lease.stop.set()
+    try:
+        call_with_retries(
+            f"release lock {lease.name}",
+            lambda: release_concurrency_slots_with_lease(lease.lease_id),
+        )
+    except Exception as exc:
+        # Never mask the run's own outcome: the unrenewed lease expires by itself.
+        run_logger().error(
+            "could not release lock %s (lease %s; the server frees it within %.0fs): %s",
+            lease.name,
+            lease.lease_id,
+            LEASE_SECONDS,
+            exc,
+        )
+
+
 @contextmanager
-def exclusive(target: str, wait_seconds: float = 600) -> Iterator[None]:
-    """Hold the lock on `target` (e.g. `database/complianceagent`) for the block."""
+def _hold(target: str, wait_seconds: float) -> Iterator[_Lease]:
     name = lock_name(target)
     _ensure_limit(name)
     run_logger().info("Taking lock %s", name)
-    with concurrency(name, occupy=1, strict=True, timeout_seconds=wait_seconds):
-        yield
+    granted = acquire_concurrency_slots_with_lease(
+        [name],
+        1,
+        timeout_seconds=wait_seconds,
+        lease_duration=LEASE_SECONDS,
+        strict=True,
+        holder=_holder(),
+    )
+    lease = _Lease(target, name, granted.lease_id)
+    try:
+        problem = _limit_problem(name)
+        if problem:
+            raise LockUnsafe(f"refusing to change {target} unprotected: {problem}")
+        run_logger().info("Holding lock %s (lease %s)", name, lease.lease_id)
+        context = contextvars.copy_context()  # the same Prefect settings and run logger
+        threading.Thread(
+            target=context.run,
+            args=(_keep_renewed, lease),
+            daemon=True,
+            name=f"lock-renewal-{name}",
+        ).start()
+        yield lease
+    finally:
+        _release(lease)
 
 
 @contextmanager
-def exclusive_all(targets: Iterable[str], wait_seconds: float = 600) -> Iterator[None]:
+def exclusive(target: str, wait_seconds: float = 600) -> Iterator[HeldLocks]:
+    """Hold the lock on `target` (e.g. `database/complianceagent`) for the block; call
+    `ensure_held()` on what it yields between steps."""
+    with _hold(target, wait_seconds) as lease:
+        yield HeldLocks([lease])
+
+
+@contextmanager
+def exclusive_all(targets: Iterable[str], wait_seconds: float = 600) -> Iterator[HeldLocks]:
     """Hold the locks of several targets, taken in name order so two runs can't deadlock."""
-    with ExitStack() as held:
+    held = HeldLocks()
+    with ExitStack() as stack:
         for target in sorted(set(targets)):
-            held.enter_context(exclusive(target, wait_seconds))
-        yield
+            held.leases.append(stack.enter_context(_hold(target, wait_seconds)))
+        yield held

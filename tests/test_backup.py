@@ -355,6 +355,29 @@ def test_a_rejected_strict_retention_deletes_nothing(live):
     assert "### Retention (not applied: nothing was deleted)" in report
 
 
+def test_a_strict_retention_approved_after_the_backups_changed_deletes_nothing(live):
+    platform = live
+    old = put_old_backups(
+        platform, {"20261020T020000.000000Z": True, "20261021T020000.000000Z": True}
+    )
+    run = start_in_thread(backup, keep_daily=1, keep_weekly=0)
+    paused = wait_for_paused_run("backup")
+    # During the pause one of the backups it would delete is removed by someone else.
+    s3 = platform.s3()
+    for key in [k for k in objects(platform) if "20261020T020000.000000Z" in k]:
+        s3.delete_object(Bucket=BACKUP_BUCKET, Key=key)
+    before = objects(platform)
+
+    resume_flow_run(paused.id, run_input=APPROVE)
+    state = run.join(120)
+
+    assert state.is_failed()
+    assert "retention was not applied (nothing was deleted)" in state.message
+    assert "changed since the plan was approved" in state.message
+    assert objects(platform) == before
+    assert "20261021T020000.000000Z" in " ".join(before) and len(old) == 4
+
+
 def test_the_scheduled_defaults_delete_without_asking(live, monkeypatch):
     # Were it to pause, it would fail in 5 s instead of hanging the test.
     monkeypatch.setenv("RUNBOOK_APPROVAL_TIMEOUT_SECONDS", "5")

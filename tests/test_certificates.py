@@ -22,6 +22,7 @@ from prefect.flow_runs import resume_flow_run
 
 from flows.certificates import cert_renewal, certificates
 from sandbox.platform import NAMESPACE, TLS_CERTIFICATE, TLS_SECRET, Sandbox
+from tasks.cert_manager import renew_certificate
 from tests.helpers import read_artifacts, start_in_thread, wait_for_paused_run
 
 CERT = "cert-manager.io/v1"
@@ -289,3 +290,29 @@ def test_a_rejected_renewal_writes_nothing(platform, certs):
     assert "rejected by erin" in state.message
     assert certs.writes == []
     assert certificate(certs)["status"]["revision"] == revision
+
+
+def test_a_renewal_approved_after_cert_manager_renewed_is_refused(platform, certs):
+    """No lock through the pause; the approved plan pins revision and notAfter."""
+    revision = certificate(certs)["status"]["revision"]
+    run = start_in_thread(cert_renewal, certificate=TLS_CERTIFICATE)
+    paused = wait_for_paused_run("cert-renewal")
+    assert f"certificate/{TLS_CERTIFICATE} revision = {revision}" in (
+        read_artifacts(paused.id)["approval-plan"].data
+    )
+    # Meanwhile the Certificate is renewed (cert-manager on its own, or another operator).
+    renew_certificate.fn(TLS_CERTIFICATE, revision, "renewed during the pause")
+    give_up = time.monotonic() + 30
+    while certificate(certs)["status"]["revision"] != revision + 1:
+        assert time.monotonic() < give_up, "the renewal during the pause never finished"
+        time.sleep(0.1)
+    certs.clear_writes()
+
+    approve("cert-renewal")
+    state = run.join()
+
+    assert state.is_failed()
+    assert "changed since the plan was approved" in state.message
+    assert f"certificate/{TLS_CERTIFICATE} revision: {revision} → {revision + 1}" in state.message
+    assert certs.writes == []
+    assert certificate(certs)["status"]["revision"] == revision + 1

@@ -3,6 +3,7 @@ Prefect server: each test asserts the emulator's recorded writes and the final s
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -15,10 +16,11 @@ from prefect.client.schemas.filters import (
 )
 from prefect.exceptions import ParameterTypeError
 from prefect.flow_runs import resume_flow_run
+from prefect.settings import PREFECT_API_URL
 
 from flows.deploy import deploy
 from tasks.locks import lock_name
-from tests.helpers import read_artifacts, start_in_thread, wait_for_paused_run
+from tests.helpers import prefect_rest, read_artifacts, start_in_thread, wait_for_paused_run
 from tests.release_helpers import (
     deployment_writes,
     image_of,
@@ -250,14 +252,14 @@ def test_approved_deploy_is_carried_out(platform, kube):
 
 @pytest.mark.slow
 def test_two_deploys_of_the_same_component_never_interleave(platform, kube):
-    first = start_in_thread(deploy, version="2.7.0", components=["frontend"], require_approval=True)
-    paused = wait_for_paused_run("deploy")  # holds the lock on deployment/frontend
+    kube.rollout_delay = 3  # the first holds the lock through a rollout that takes a while
+    first = start_in_thread(deploy, version="2.7.0", components=["frontend"])
+    wait_until(lambda: len(deployment_writes(kube, "frontend")) == 1, "the first run's write")
     second = start_in_thread(deploy, version="2.8.0", components=["frontend"])
     waiting = f"Taking lock {lock_name('deployment/frontend')}"
     wait_until(lambda: waiting in run_logs("deploy-2.8.0-frontend"), "the second run took the lock")
-    assert kube.writes == []  # the second deploy waits for the lock
+    assert len(deployment_writes(kube, "frontend")) == 1  # the second waits for the first
 
-    resume_flow_run(paused.id, run_input=APPROVE)
     assert first.join().is_completed()
     assert second.join().is_completed()
 
@@ -265,3 +267,55 @@ def test_two_deploys_of_the_same_component_never_interleave(platform, kube):
     images = [w.body["spec"]["template"]["spec"]["containers"][0]["image"] for w in writes]
     assert [i.rsplit(":", 1)[1] for i in images] == ["2.7.0", "2.8.0"]
     assert image_of(kube, "frontend").endswith(":2.8.0")
+
+
+@pytest.mark.slow
+def test_a_deploy_approved_after_the_deployment_changed_is_refused(platform, kube):
+    revision = revision_of(kube, "frontend")
+    first = start_in_thread(deploy, version="2.7.0", components=["frontend"], require_approval=True)
+    paused = wait_for_paused_run("deploy")
+    plan = read_artifacts(paused.id)["approval-plan"].data
+    assert f"deployment/frontend revision = {revision}" in plan  # what the approver pins
+
+    # The paused run holds no lock: another deploy of the same Deployment goes through.
+    second = deploy(version="2.8.0", components=["frontend"], return_state=True)
+    assert second.is_completed(), second.message
+    kube.clear_writes()
+
+    resume_flow_run(paused.id, run_input=APPROVE)
+    state = first.join()
+
+    assert state.is_failed()
+    assert "changed since the plan was approved" in state.message
+    assert f"deployment/frontend revision: {revision} → {revision + 1}" in state.message
+    assert kube.writes == []  # nothing written on a stale plan
+    assert image_of(kube, "frontend").endswith(":2.8.0")
+
+
+@pytest.mark.slow
+def test_a_lost_lock_stops_the_deploy_before_the_next_deployment_and_rolls_back(platform, kube):
+    recorded = {n: image_of(kube, n) for n in ("backend", "celery-workers", "frontend")}
+    kube.rollout_delay = 3  # the backend's rollout is under way while the lease is revoked
+    run = start_in_thread(deploy, version="3.0.0")
+    wait_until(lambda: len(deployment_writes(kube, "backend")) == 1, "the backend's new image")
+
+    # The server revokes the backend lock's lease mid-rollout (as for an expired lease).
+    holding = re.compile(rf"Holding lock {lock_name('deployment/backend')} \(lease ([0-9a-f-]+)\)")
+    lease = holding.search(run_logs("deploy-3.0.0-backend+frontend"))
+    assert lease, "the run logs the lease it holds"
+    with prefect_rest(str(PREFECT_API_URL.value())) as api:
+        api.post(
+            "/v2/concurrency_limits/decrement-with-lease", json={"lease_id": lease[1]}
+        ).raise_for_status()
+    state = run.join(120)
+
+    # The backend's rollout finished (nothing cut it halfway); the run stopped before the
+    # workers, and its undo put the backend back.
+    assert state.is_failed()
+    assert "lost the lock on deployment/backend" in state.message
+    writes = kube.writes
+    assert list(zip([w.name for w in writes], kinds_of(writes), strict=True)) == [
+        ("backend", "set-image"),
+        ("backend", "restore"),
+    ]
+    assert {n: image_of(kube, n) for n in recorded} == recorded

@@ -315,6 +315,32 @@ def test_a_second_window_is_refused_while_one_is_open(platform, window_kube):
         assert run.join().is_completed()
 
 
+def test_a_window_approved_after_another_opened_is_refused(platform, window_kube):
+    """Both ask at once (no lock is held through an approval); the one approved second
+    finds the backend no longer as its plan showed and changes nothing."""
+    second = start_in_thread(maintenance_window, reason="Another", work="manual")
+    second_id = paused_run_of("maintenance-window").id
+    first = start_in_thread(maintenance_window, reason="Vacuum", work="manual")
+    give_up = time.monotonic() + 60
+    while (first_id := paused_run_of("maintenance-window").id) == second_id:
+        assert time.monotonic() < give_up, "the first window never asked"
+        time.sleep(0.2)
+    resume_flow_run(first_id, run_input=APPROVE)
+    wait_paused_for(first_id, "maintenance-work-done")
+    writes = len(window_kube.writes)
+    try:
+        resume_flow_run(second_id, run_input=APPROVE)
+        state = second.join()
+        assert state.is_failed()
+        assert "changed since the plan was approved" in state.message
+        assert "deployment/backend open window: none → yes" in state.message
+        assert len(window_kube.writes) == writes  # the refused window wrote nothing
+    finally:
+        resume_flow_run(first_id, run_input=DONE)
+    assert first.join().is_completed()
+    assert_window_closed(platform, window_kube, first_id)
+
+
 def test_cancelled_from_the_api_the_served_run_closes_the_window(platform, kube, served_api):
     with prefect_rest(served_api) as api:
         found = api.get("/deployments/name/maintenance-window/maintenance-window").json()

@@ -157,6 +157,24 @@ def test_rejected_approval_writes_nothing(platform, kube):
     assert kube.writes == []
 
 
+def test_migrations_approved_after_the_backend_changed_are_refused(platform, kube):
+    """The Job would run the image the approver saw: a deploy during the pause (no lock
+    is held through it) makes the plan stale."""
+    run = start_in_thread(migrations, require_maintenance_mode=False)
+    paused = wait_for_paused_run("migrations")
+    k8s.set_deployment_image.fn("backend", "backend", "complianceagent/backend:7.7.7")
+    wait_settled(kube, "backend")
+    kube.clear_writes()
+
+    resume_flow_run(paused.id, run_input=APPROVE)
+    state = run.join()
+
+    assert state.is_failed()
+    assert "changed since the plan was approved" in state.message
+    assert "deployment/backend pod template: sha256:" in state.message
+    assert job_writes(kube) == [] and kube.writes == []
+
+
 def test_transient_5xx_on_job_creation_is_retried(platform, kube):
     kube.inject_fault("POST", r"/namespaces/complianceagent/jobs$", status=503, times=1)
 

@@ -24,6 +24,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import StateType
+from prefect.exceptions import ObjectNotFound
 from prefect.flow_runs import resume_flow_run
 from psycopg.conninfo import make_conninfo
 
@@ -42,7 +43,7 @@ from tests.backup_helpers import (
     stored_by_the_server,
     take_backup,
 )
-from tests.helpers import read_artifacts, read_flow_run, start_in_thread, wait_for_paused_run
+from tests.helpers import read_artifacts, start_in_thread, wait_for_paused_run
 
 pytestmark = pytest.mark.slow
 
@@ -73,11 +74,16 @@ LOCKS = ("database/complianceagent", "deployment/backend", "deployment/celery-wo
 
 
 def held_slots(*targets: str) -> dict[str, int]:
+    """Who holds each target's lock now (a lock never taken yet is held by nobody)."""
+    held = {}
     with get_client(sync_client=True) as prefect_api:
-        return {
-            t: prefect_api.read_global_concurrency_limit_by_name(lock_name(t)).active_slots
-            for t in targets
-        }
+        for t in targets:
+            try:
+                limit = prefect_api.read_global_concurrency_limit_by_name(lock_name(t))
+                held[t] = limit.active_slots
+            except ObjectNotFound:
+                held[t] = 0
+    return held
 
 
 def task_run_end(run_id, name_prefix: str) -> float:
@@ -111,8 +117,9 @@ def test_restore_brings_back_exactly_the_backed_up_rows(live):
     # jobs=2: the archive goes to a temporary file and pg_restore runs two workers.
     run = start_in_thread(restore, jobs=2)
     paused = wait_for_paused_run("restore")
-    # While it waits for approval it holds the database's and both writers' locks.
-    assert held_slots(*LOCKS) == {target: 1 for target in LOCKS}
+    # While it waits for approval it holds none of the locks: a scale or rollback of the
+    # writers need not wait an hour behind it (what the approver saw is checked after).
+    assert held_slots(*LOCKS) == {target: 0 for target in LOCKS}
     paused, plan = approve_and_wait()
     state = run.join(120)
 
@@ -372,9 +379,10 @@ def scale_holding_the_lock(target: str) -> None:
         RELEASE.wait(120)
 
 
-def test_restore_waits_for_a_scale_that_holds_a_writers_lock(live):
+def test_an_approved_restore_waits_for_a_scale_that_holds_a_writers_lock(live):
     platform = live
     take_backup()
+    before = databases(platform)
     platform.kube.clear_writes()
     HELD.clear()
     RELEASE.clear()
@@ -385,21 +393,48 @@ def test_restore_waits_for_a_scale_that_holds_a_writers_lock(live):
     try:
         assert HELD.wait(120), "the holder never got the lock"
         run = start_in_thread(restore)
-        # It takes its locks in name order: database, backend, then waits for the workers'.
+        # The checks and the approval need no lock: it asks at once.
+        approve_and_wait()
+        # Approved, it takes its locks in name order: database, backend, then waits for
+        # the workers'; nothing is created or scaled meanwhile.
         give_up = time.monotonic() + 60
         while held_slots("deployment/backend")["deployment/backend"] != 1:
             assert time.monotonic() < give_up, "restore never took deployment/backend"
             time.sleep(0.1)
         assert held_slots(*LOCKS) == {target: 1 for target in LOCKS}  # 1 is the holder's
-        (restoring,) = _running_restores()
-        assert not read_flow_run(restoring).state.is_paused()  # not even asking yet
+        assert _running_restores()
         assert platform.kube.writes == []
+        assert databases(platform).keys() == before.keys()
     finally:
         RELEASE.set()
         holder.join(120)
-    approve_and_wait(REJECT)
-    assert run.join(60).is_failed()
-    assert platform.kube.writes == []
+    state = run.join(120)
+    assert state.is_completed(), state.message
+    assert held_slots(*LOCKS) == {target: 0 for target in LOCKS}
+
+
+def test_a_restore_approved_after_the_writers_changed_is_refused(live):
+    """What the approver saw stays true: the replica counts the writers go back to were
+    shown in the plan; a scale during the pause makes the plan stale."""
+    platform = live
+    take_backup()
+    before = databases(platform)
+    run = start_in_thread(restore)
+    paused = wait_for_paused_run("restore")
+    plan = read_artifacts(paused.id)["approval-plan"].data
+    assert "deployment/backend replicas = 3" in plan
+    scale_deployment.fn("backend", 5)  # someone scales the backend meanwhile
+    platform.kube.clear_writes()
+
+    resume_flow_run(paused.id, run_input=APPROVE)
+    state = run.join(60)
+
+    assert state.is_failed()
+    assert "changed since the plan was approved" in state.message
+    assert "deployment/backend replicas: 3 → 5" in state.message
+    assert platform.kube.writes == []  # no writer stopped
+    assert databases(platform) == before  # no scratch database, nothing swapped
+    scale_deployment.fn("backend", 3)
 
 
 def _running_restores():

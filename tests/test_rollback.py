@@ -7,9 +7,10 @@ import json
 import pytest
 from prefect.flow_runs import resume_flow_run
 
+from flows.deploy import deploy
 from flows.rollback import rollback, rollout_history
 from tasks import kubernetes as k8s
-from tests.helpers import read_artifacts, start_in_thread, wait_for_paused_run
+from tests.helpers import read_artifacts, read_flow_run, start_in_thread, wait_for_paused_run
 from tests.release_helpers import (
     image_of,
     kinds_of,
@@ -60,6 +61,33 @@ def test_rollback_to_the_previous_revision_after_approval(platform, kube, two_re
     assert history[-1]["change_cause"] == (f"rollback to revision {old_revision} by carol: INC-42")
     report = read_artifacts(state.state_details.flow_run_id)["rollback-report"].data
     assert f"rolled back from revision {new_revision}" in report
+
+
+@pytest.mark.slow
+def test_a_rollback_completes_while_a_deploy_waits_for_approval(platform, kube, two_revisions):
+    """An emergency rollback never waits behind a deploy's approval: no lock is held
+    through a pause. The deploy, approved afterwards, is refused on its stale plan."""
+    (_, old_image), _ = two_revisions
+    waiting_deploy = start_in_thread(
+        deploy, version="9.9.0", components=["frontend"], require_approval=True
+    )
+    deploy_paused = wait_for_paused_run("deploy")
+
+    run = start_in_thread(rollback, deployment="frontend")
+    resume_flow_run(wait_for_paused_run("rollback").id, run_input=APPROVE)
+    state = run.join()
+
+    assert state.is_completed(), state.message
+    assert image_of(kube, "frontend") == old_image
+    assert kinds_of(kube.writes) == ["restore"]
+    assert read_flow_run(deploy_paused.id).state.is_paused()  # still waiting, untouched
+
+    resume_flow_run(deploy_paused.id, run_input=APPROVE)
+    refused = waiting_deploy.join()
+    assert refused.is_failed()
+    assert "changed since the plan was approved" in refused.message
+    assert kinds_of(kube.writes) == ["restore"]  # the stale deploy wrote nothing
+    assert image_of(kube, "frontend") == old_image
 
 
 @pytest.mark.slow

@@ -93,6 +93,25 @@ def test_scaling_to_zero_is_carried_out_once_approved(platform, kube):
     assert kinds_of(kube.writes) == ["scale"]
 
 
+def test_scaling_to_zero_approved_after_the_count_changed_is_refused(platform, kube):
+    before = replicas_of(kube, "frontend")
+    run = start_in_thread(scale, deployment="frontend", replicas=0)
+    paused = wait_for_paused_run("scale")
+    plan = read_artifacts(paused.id)["approval-plan"].data
+    assert f"deployment/frontend replicas = {before}" in plan
+    k8s.scale_deployment.fn("frontend", before + 2)  # scaled up while the plan waits
+    kube.clear_writes()
+
+    resume_flow_run(paused.id, run_input={"approve": True, "approver": "f", "reason": "CHG-9"})
+    state = run.join()
+
+    assert state.is_failed()
+    assert "changed since the plan was approved" in state.message
+    assert f"deployment/frontend replicas: {before} → {before + 2}" in state.message
+    assert kube.writes == []
+    assert replicas_of(kube, "frontend") == before + 2
+
+
 def test_transient_5xx_on_scale_is_retried(platform, kube):
     current = replicas_of(kube, "celery-workers")
     kube.inject_fault("PATCH", r"/deployments/celery-workers/scale$", status=503, times=2)

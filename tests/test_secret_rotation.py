@@ -218,6 +218,38 @@ def test_rejection_in_production_changes_nothing(platform, kube, monkeypatch):
     assert kube.writes == []
 
 
+def test_a_rotation_approved_after_the_secret_moved_is_refused(platform, kube, monkeypatch):
+    monkeypatch.setenv("RUNBOOK_ENVIRONMENT", "production")
+    run = start_in_thread(secret_rotation, secret="api-key")
+    paused = wait_for_paused_run("secret-rotation")
+    # Meanwhile AWSCURRENT moves to another version (another rotation, a console edit);
+    # same value, so the platform keeps working.
+    sm = platform.secretsmanager()
+    planned = holder(platform, API_KEY_SECRET_ID, "AWSCURRENT")
+    other = sm.put_secret_value(
+        SecretId=API_KEY_SECRET_ID,
+        SecretString=value(platform, API_KEY_SECRET_ID),
+        VersionStages=["EDITED"],
+    )["VersionId"]
+    sm.update_secret_version_stage(
+        SecretId=API_KEY_SECRET_ID,
+        VersionStage="AWSCURRENT",
+        MoveToVersionId=other,
+        RemoveFromVersionId=planned,
+    )
+    moved = versions(platform, API_KEY_SECRET_ID)
+    assert holder(platform, API_KEY_SECRET_ID, "AWSCURRENT") == other != planned
+
+    resume_flow_run(paused.id, run_input={"approve": True, "approver": "e", "reason": "CHG"})
+    state = run.join()
+
+    assert state.is_failed()
+    assert "changed since the plan was approved" in state.message
+    assert f"{API_KEY_SECRET_ID} AWSCURRENT version: {planned} → {other}" in state.message
+    assert versions(platform, API_KEY_SECRET_ID) == moved  # no AWSPENDING, nothing moved
+    assert kube.writes == []
+
+
 @pytest.mark.parametrize("name", ["complianceagent/api-key", "db", ""])
 def test_an_unknown_secret_is_refused_before_anything(platform, kube, name):
     before = versions(platform, API_KEY_SECRET_ID)
