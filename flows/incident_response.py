@@ -27,10 +27,15 @@ Guarantees:
 - The response-time target (P1 15 min, P2 1 h, P3 4 h, P4 24 h to acknowledge) is tracked;
   a breach is told to chat when it happens and published as an artifact.
 - Evidence before anyone looks: the matching diagnose-* deployment is started (its evidence
-  copied into this run's artifact) and the health check runs.
+  copied into this run's artifact), the health check runs, and the backend's errors of the
+  last 15 minutes (the `logs` runbook as a subflow) are excerpted; a failed log search is
+  noted in the evidence, never fails the incident.
 - Mitigation: each proposal behind its own approval; exactly the approved one is started.
 - Resolved only when the alert's `complianceagent.alert.resolved` event arrives or an
-  operator says so, and the health check then passes; then PagerDuty `resolve` for every
+  operator says so, and the health check then passes; for an alert, with
+  RUNBOOK_PROMETHEUS_URL set, the alert rule's own expression (monitoring/rules) is asked
+  of Prometheus and the resolution recorded as verified only when it yields nothing (or 0),
+  else the post-mortem says it was not; then PagerDuty `resolve` for every
   page sent, status page resolved, chat, and a post-mortem artifact whose timeline comes
   from the recorded events.
 """
@@ -55,6 +60,8 @@ from prefect.runtime import flow_run as this_run
 from pydantic import Field
 
 from flows.health_check import health_check
+from flows.logs import logs
+from runbook.decisions.alert_rules import alert_expression, alert_query_clear
 from runbook.decisions.incidents import (
     PAGERDUTY_SEVERITY,
     STATUS_PAGE_PRIORITIES,
@@ -72,6 +79,7 @@ from runbook.decisions.incidents import (
     response_time,
     triage,
 )
+from runbook.decisions.logs import LogSearch
 from runbook.decisions.refusal import Refused
 from runbook.report import markdown_table
 from runbook.settings import PlatformSettings, load_settings
@@ -91,6 +99,11 @@ from tasks.incidents import (
     wait_for_run,
 )
 from tasks.notify import announce, page_on_call, update_status_page
+from tasks.prometheus import query_prometheus, read_alert_rules
+
+# INVESTIGATE's log excerpt: the backend's errors of the last 15 minutes, a few lines.
+LOG_WINDOW_MINUTES = 15
+LOG_EXCERPT_LINES = 10
 
 ALERT_NAME = r"^([A-Za-z_:][A-Za-z0-9_:]*)?$"
 LABEL_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -198,6 +211,7 @@ def incident_response(
         settings.incident_poll_seconds,
     )
     mitigation: dict[str, Any] = {}
+    verified = ""
     try:
         # 4. Notify: page the on-call engineer, tell chat, open a status page incident.
         watch.start()
@@ -221,7 +235,7 @@ def incident_response(
         mitigation = _mitigate(incident, run_id, mitigation_proposals(alertname, labels))
 
         # 8. RESOLVE: the alert's resolved event or an operator; verified by the health check.
-        _await_resolution(watch, incident, run_id, settings)
+        verified = _await_resolution(watch, incident, alertname, run_id, settings)
 
         # 9. Close: PagerDuty resolve for every page, status page resolved, chat.
         _close(watch, incident, title, verdict, run_id)
@@ -240,7 +254,7 @@ def incident_response(
         watch.stop()
 
     # 10. POST-MORTEM: timeline from the recorded events, durations, who did what.
-    report = _post_mortem(watch, incident, title, verdict, group_key, mitigation)
+    report = _post_mortem(watch, incident, title, verdict, group_key, mitigation, verified)
     logger.info("incident %s resolved", incident)
     return {"incident": incident, "opened": True, "priority": verdict.priority, **report}
 
@@ -320,6 +334,7 @@ def _investigate(
     health = health_check(notify_on_failure=False, return_state=True)
     health_line = "healthy" if health.is_completed() else f"FAILING — {health.message}"
     sections.append(f"**Health check:** {health_line}")
+    sections.append(_log_excerpt())
     evidence = "\n\n".join([f"## Evidence for incident {incident}", *sections])
     create_markdown_artifact(markdown=evidence, key="incident-evidence", description=health_line)
     emit_step(incident, "investigated", run_id, diagnosis=diagnosis or "none", health=health_line)
@@ -344,6 +359,28 @@ def _run_diagnosis(diagnosis: str, incident: str, labels: dict[str, str], wait_s
     parts = [f"**Diagnosis:** `{diagnosis}` run `{run.name}` ({run.id}): {state}"]
     parts += [f"### {key}\n\n{markdown}" for key, markdown in read_run_markdown(run.id)]
     return "\n\n".join(parts)
+
+
+def _log_excerpt() -> str:
+    """The backend's errors of the last minutes, from the `logs` runbook (a subflow, so its
+    own report is linked to this run). Evidence only: a failed search is noted, never fatal."""
+    found = logs(
+        component="backend",
+        since_minutes=LOG_WINDOW_MINUTES,
+        min_level="error",
+        max_matches=LOG_EXCERPT_LINES,
+        return_state=True,
+    )
+    if not found.is_completed():
+        return f"**Logs:** the log search failed ({found.message}); nothing attached."
+    search: LogSearch = found.result()
+    if not search.matches:
+        return f"**Logs:** no backend error in the last {LOG_WINDOW_MINUTES} minutes."
+    return (
+        f"**Logs:** {search.matched} backend error line(s) in the last "
+        f"{LOG_WINDOW_MINUTES} minutes; the latest {len(search.matches)}:\n\n"
+        f"```\n{search.excerpt(LOG_EXCERPT_LINES)}\n```"
+    )
 
 
 def _await_acknowledgement(
@@ -445,8 +482,9 @@ def _mitigate(incident: str, run_id: Any, proposals: list[Proposal]) -> dict[str
 
 
 def _await_resolution(
-    watch: IncidentWatch, incident: str, run_id: Any, settings: PlatformSettings
-) -> None:
+    watch: IncidentWatch, incident: str, alertname: str, run_id: Any, settings: PlatformSettings
+) -> str:
+    """Wait for the resolution, verify it; returns how it was verified."""
     for _attempt in range(3):
         if watch.resolution is None:
             try:
@@ -466,6 +504,7 @@ def _await_resolution(
         assert resolution is not None
         health = health_check(notify_on_failure=False, return_state=True)
         if health.is_completed():
+            verified = "; ".join(["health check passed", _alert_query_verdict(alertname, settings)])
             emit_step(
                 incident,
                 "resolved",
@@ -473,13 +512,32 @@ def _await_resolution(
                 by=resolution.by,
                 note=resolution.note,
                 via=resolution.via,
-                verified="health check passed",
+                verified=verified,
             )
-            return
+            return verified
         emit_step(incident, "verification-failed", run_id, by=resolution.by, health=health.message)
         announce(f":x: incident {incident} not resolved: the health check fails ({health.message})")
         watch.reopen()
     raise RuntimeError(f"incident {incident}: the health check kept failing; it stays open")
+
+
+def _alert_query_verdict(alertname: str, settings: PlatformSettings) -> str:
+    """The alert's own query, asked of Prometheus: clear only when it yields no series (or
+    0). Said, never fatal: the health check already passed and an operator decided."""
+    if not alertname:
+        return "no alert query (manual incident)"
+    if settings.prometheus_url is None:
+        return "alert query not checked (RUNBOOK_PROMETHEUS_URL unset)"
+    expr = alert_expression(read_alert_rules(), alertname)
+    if expr is None:
+        return f"alert query not checked (no rule {alertname} in monitoring/rules)"
+    value = query_prometheus(expr, return_state=True)
+    if not value.is_completed():
+        return f"alert query NOT verified: Prometheus did not answer ({value.message})"
+    result = value.result()
+    if alert_query_clear(result):
+        return f"alert query clear (`{expr}` yields nothing)"
+    return f"alert query NOT clear: `{expr}` still yields {result:g}"
 
 
 def _close(watch: IncidentWatch, incident: str, title: str, verdict: Triage, run_id: Any) -> None:
@@ -505,6 +563,7 @@ def _post_mortem(
     verdict: Triage,
     group_key: str,
     mitigation: dict[str, Any],
+    verified: str,
 ) -> dict[str, Any]:
     events = _recorded_events(incident, group_key, watch.declared_at)
     start = watch.declared_at
@@ -546,7 +605,7 @@ def _post_mortem(
         )
         if mitigation
         else "- No mitigation by this runbook",
-        f"- Resolved by {res.by} via {res.via}; verified by the health check" if res else "",
+        f"- Resolved by {res.by} via {res.via}; verified: {verified}" if res else "",
     ]
     markdown = "\n\n".join(
         [
@@ -579,6 +638,7 @@ def _post_mortem(
         "time_to_resolve": times.to_resolve,
         "response_target_breached": timing.breached,
         "timeline": [r["event"] for r in rows],
+        "verified": verified,
     }
 
 

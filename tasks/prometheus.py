@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import httpx
+import yaml
 from prefect import task
 
 from runbook.settings import MissingSetting, load_settings
@@ -49,3 +53,13 @@ def scrape_backend_metrics() -> str:
     """`curl $API/metrics`: the backend's Prometheus text, as the page's first command."""
     base = str(load_settings().api_base_url).rstrip("/")
     return _get("backend /metrics", f"{base}/metrics").text
+
+
+# The platform's alert rules, as Prometheus loads them (monitoring/rules/*.yml).
+ALERT_RULES_DIR = Path(__file__).resolve().parent.parent / "monitoring" / "rules"
+
+
+@task
+def read_alert_rules() -> list[dict[str, Any]]:
+    """The parsed rule files of monitoring/rules, for the alert's own query at RESOLVE."""
+    return [yaml.safe_load(p.read_text()) or {} for p in sorted(ALERT_RULES_DIR.glob("*.y*ml"))]

@@ -9,6 +9,7 @@ import time
 import uuid
 from typing import Any
 
+import httpx
 import pytest
 from prefect.flow_runs import resume_flow_run
 from prefect.settings import PREFECT_API_URL
@@ -243,3 +244,110 @@ def test_a_priority_outside_p1_p4_is_refused_by_validation(incidents):
     with pytest.raises(ParameterTypeError):
         incident_response(summary="x", priority="P7")
     assert incidents.receiver.received == []
+
+
+def _manual_incident_evidence(platform: Sandbox) -> str:
+    """Start a P4 incident by hand, read its evidence at the acknowledgement pause, then
+    acknowledge and resolve it so the run completes."""
+    started = time.time()
+    run = start_in_thread(
+        incident_response,
+        summary="Scans fail",
+        priority="P4",
+        reported_by="alice",
+        group_key=f"manual/test-{uuid.uuid4()}",
+    )
+    paused = wait_for_pause("incident-response", "acknowledge", started)
+    evidence = str(read_artifacts(paused.id)["incident-evidence"].data)
+    resume_flow_run(paused.id, run_input={"acknowledged_by": "bob"})
+    wait_for_pause("incident-response", "resolve", started)
+    platform.backend.force_status.clear()  # fixed: the health check at RESOLVE passes
+    resume_flow_run(paused.id, run_input={"resolved_by": "bob"})
+    state = run.join(60)
+    assert state.is_completed(), state.message
+    return evidence
+
+
+def test_investigation_attaches_the_backends_error_lines(
+    incidents: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNBOOK_ESCALATION_CONTACTS", contacts(("On-call engineer", 0, None)))
+    incidents.backend.force_status["/api/v1/scans"] = 503
+    with httpx.Client(base_url=incidents.backend.url, timeout=10) as http:
+        for _ in range(3):
+            assert http.get("/api/v1/scans").status_code == 503
+        assert http.get("/health").status_code == 200
+
+    evidence = _manual_incident_evidence(incidents)
+
+    assert "**Logs:** 3 backend error line(s) in the last 15 minutes" in evidence
+    excerpt = evidence.split("```")[1].strip().splitlines()
+    assert len(excerpt) == 3
+    assert all("path=/api/v1/scans" in line and "status=503" in line for line in excerpt)
+
+
+def test_a_failed_log_search_is_noted_and_the_incident_goes_on(
+    incidents: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNBOOK_ESCALATION_CONTACTS", contacts(("On-call engineer", 0, None)))
+    # Reading the Deployment's selector is refused (403: not retried) for the log search.
+    incidents.kube.inject_fault("GET", r"/deployments/backend$", status=403, times=1)
+
+    evidence = _manual_incident_evidence(incidents)
+
+    assert "**Logs:** the log search failed" in evidence
+    assert "403" in evidence
+
+
+def _alert_incident_resolved(platform: Sandbox, alertname: str) -> str:
+    """An alert's incident acknowledged and resolved by events; its post-mortem."""
+    group = f'{{}}:{{alertname="{alertname}", test="{uuid.uuid4()}"}}'
+    incident = incident_id(group)
+    started = time.time()
+    run = start_in_thread(
+        incident_response,
+        alertname=alertname,
+        severity="critical",
+        summary=alertname,
+        fingerprint="cd34",
+        group_key=group,
+    )
+    paused = wait_for_pause("incident-response", "acknowledge", started)
+    post_event("complianceagent.incident.acknowledged", f"complianceagent.incident.{incident}", {})
+    wait_for_pause("incident-response", "resolve", started)
+    post_event("complianceagent.alert.resolved", f"complianceagent.alert.{group}", {})
+    state = run.join(60)
+    assert state.is_completed(), state.message
+    return str(read_artifacts(paused.id)["post-mortem"].data)
+
+
+def test_resolution_is_verified_by_the_alerts_own_query_in_prometheus(
+    incidents: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNBOOK_ESCALATION_CONTACTS", contacts(("On-call engineer", 0, None)))
+    expr = "max by (component) (component_cpu_usage_ratio) > 0.9"  # CpuUsageCritical's rule
+    assert incidents.prometheus is not None and incidents.metrics is not None
+
+    def series() -> list[dict[str, Any]]:
+        return incidents.prometheus.query(expr)  # type: ignore[union-attr]
+
+    # The frontend's CPU still above 90 %: resolved, but the post-mortem says not verified.
+    incidents.metrics.set_usage("frontend", cpu_ratio=0.95, memory_ratio=0.2)
+    try:
+        give_up = time.monotonic() + 20
+        while not series() and time.monotonic() < give_up:
+            time.sleep(0.3)
+        assert series(), "Prometheus never saw the injected CPU"
+        post_mortem = _alert_incident_resolved(incidents, "CpuUsageCritical")
+        assert f"alert query NOT clear: `{expr}` still yields 0.95" in post_mortem
+    finally:
+        incidents.metrics.reset()
+
+    # Back to normal as Prometheus sees it: verified by the alert's query.
+    give_up = time.monotonic() + 20
+    while series() and time.monotonic() < give_up:
+        time.sleep(0.3)
+    post_mortem = _alert_incident_resolved(incidents, "CpuUsageCritical")
+    assert f"verified: health check passed; alert query clear (`{expr}` yields nothing)" in (
+        post_mortem
+    )
