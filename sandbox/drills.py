@@ -1,0 +1,197 @@
+"""Drills (sandbox only): cause one of the page's common issues, or a failing deploy, for
+real; watch the alert start incident-response; report time to detect and to recover.
+
+    1. Refuse unless RUNBOOK_ENVIRONMENT=sandbox, before any side effect.
+    2. Cause the condition (sandbox/conditions.py on the real PostgreSQL / Redis; a
+       `-broken` image through the `deploy` runbook, whose rollout the emulator fails).
+    3. Wait (bounded) for the incident-response run the alert starts: time to detect.
+    4. Hold the condition while the newcomer follows the incident, then remove it
+       (a failing deploy recovers by the deploy's own rollback).
+    5. Wait (bounded) for the incident run to finish: time to recover.
+    6. Publish a markdown artifact with both.
+
+Lives under sandbox/ (not flows/): it imports sandbox/conditions.py, which the runbooks'
+layers must never reach; prefect.yaml registers it as the `drill` deployment.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+from pydantic import Field
+
+from runbook.decisions.incidents import format_duration
+from runbook.decisions.refusal import Refused
+from runbook.settings import PlatformSettings, load_settings
+from sandbox import conditions
+
+Issue = Literal["latency", "connections", "redis-memory", "queue-backlog", "failing-deploy"]
+
+# The alerts each drill's condition fires (monitoring/rules), to recognise its incident.
+ALERTS: dict[str, tuple[str, ...]] = {
+    "latency": ("HighLatency", "ElevatedLatency"),
+    "connections": ("DatabaseConnectionsCritical", "DatabaseConnectionsHigh"),
+    "redis-memory": ("RedisMemoryFull", "RedisMemoryHigh"),
+    "queue-backlog": ("QueueBacklogCritical", "QueueBacklogHigh"),
+    "failing-deploy": (),  # no alert: the deploy's own rollback is the recovery
+}
+BACKLOG_MESSAGES = 1500  # over QueueBacklogHigh's 1000
+BROKEN_VERSION = "9.9.9-broken"
+IDLE_CONNECTIONS = 18  # of the sandbox's pool of 20: over DatabaseConnectionsHigh's 80 %
+
+
+class Condition:
+    """What a drill caused, with its undo (safe twice)."""
+
+    def __init__(self, undo: Any, what: str) -> None:
+        self._undo, self.what = undo, what
+
+    def undo(self) -> None:
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
+
+
+def cause(issue: Issue, settings: PlatformSettings) -> Condition:
+    """Step 2: produce `issue` for real on the platform the settings name."""
+    if issue == "queue-backlog":
+        queue = settings.celery_queues[0]
+        backlog = conditions.push_celery_backlog(
+            settings.redis_url.get_secret_value(),  # type: ignore[union-attr]
+            settings.redis_broker_db,
+            queue=queue,
+            count=BACKLOG_MESSAGES,
+        )
+        return Condition(backlog.undo, f"{BACKLOG_MESSAGES} messages on the `{queue}` list")
+    if issue == "redis-memory":
+        filled = conditions.fill_redis(
+            settings.redis_url.get_secret_value(),  # type: ignore[union-attr]
+            settings.redis_cache_db,
+        )
+        return Condition(filled.undo, f"Redis db {filled.db} full ({len(filled.keys)} keys)")
+    if issue == "connections":
+        dsn = settings.database_dsn.get_secret_value()  # type: ignore[union-attr]
+        held = conditions.open_idle_connections(dsn, count=IDLE_CONNECTIONS)
+        return Condition(held.undo, f"{len(held.pids)} idle PostgreSQL sessions held")
+    if issue == "failing-deploy":
+        run_deployment(
+            "deploy/deploy",
+            parameters={"version": BROKEN_VERSION, "components": ["backend"]},
+            timeout=0,
+            tags=["drill"],
+        )
+        return Condition(None, f"deploy of backend {BROKEN_VERSION} started")
+    raise Refused(
+        "issue",
+        "latency drills need the backend stand-in's knobs, which live in the `make up` "
+        "process, not in this run: not available yet",
+    )
+
+
+def _incident_run(alertnames: tuple[str, ...], since: float) -> FlowRun | None:
+    """The incident-response run an alert of this drill started after `since`."""
+    with get_client(sync_client=True) as prefect_api:
+        runs = prefect_api.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["incident-response"])),
+            flow_run_filter=FlowRunFilter(),
+            limit=50,
+        )
+    for run in sorted(runs, key=lambda r: r.created.timestamp() if r.created else 0):
+        if (
+            run.created is not None
+            and run.created.timestamp() >= since
+            and run.parameters.get("alertname") in alertnames
+            and run.parameters.get("status", "firing") == "firing"
+        ):
+            return run
+    return None
+
+
+def _read_run(run_id: Any) -> FlowRun:
+    with get_client(sync_client=True) as prefect_api:
+        return prefect_api.read_flow_run(run_id)
+
+
+@flow(name="drill", flow_run_name="drill-{issue}")
+def drill(
+    issue: Issue,
+    detect_timeout_seconds: Annotated[int, Field(ge=10, le=1800)] = 300,
+    hold_seconds: Annotated[int, Field(ge=0, le=3600)] = 120,
+    recover_timeout_seconds: Annotated[int, Field(ge=10, le=7200)] = 1800,
+) -> dict[str, Any]:
+    """Sandbox only: cause a common issue (or a failing deploy) for real, watch the alert
+    start incident-response, and report time to detect and time to recover.
+
+    Args:
+        issue: What to cause: latency, connections, redis-memory, queue-backlog or
+            failing-deploy.
+        detect_timeout_seconds: How long to wait for the alert's incident run (10 to 1800).
+        hold_seconds: How long the condition stays after detection, so the diagnosis finds
+            it (0 to 3600); then the drill removes it.
+        recover_timeout_seconds: How long to wait for the incident to be resolved, with
+            your acknowledgement and resolution in the UI (10 to 7200).
+    """
+    logger = get_run_logger()
+    settings = load_settings()
+
+    # 1. Sandbox only, before any side effect.
+    if settings.environment != "sandbox":
+        raise Refused("issue", f"drills run only in the sandbox, not in {settings.environment}")
+
+    # 2. Cause the condition for real.
+    caused_at = time.time()
+    condition = cause(issue, settings)
+    logger.info("drill %s: %s", issue, condition.what)
+    rows: dict[str, str] = {"issue": issue, "caused": condition.what}
+    try:
+        # 3. Wait for the incident run the alert starts: time to detect.
+        incident = None
+        if ALERTS[issue]:
+            give_up = time.monotonic() + detect_timeout_seconds
+            while incident is None and time.monotonic() < give_up:
+                incident = _incident_run(ALERTS[issue], caused_at - 1)
+                time.sleep(1)
+        detected = (
+            incident.created.timestamp() - caused_at if incident and incident.created else None
+        )
+        rows["time to detect"] = (
+            format_duration(detected) if detected is not None else "not detected"
+        )
+        if incident is not None:
+            rows["incident run"] = f"{incident.name} ({incident.id})"
+            # 4. Hold it while the diagnosis looks.
+            time.sleep(hold_seconds)
+    finally:
+        # 4. Remove the condition (also on failure or cancel).
+        condition.undo()
+    # 5. Wait for the incident to end: time to recover.
+    recovered = None
+    if incident is not None:
+        give_up = time.monotonic() + recover_timeout_seconds
+        while time.monotonic() < give_up:
+            run = _read_run(incident.id)
+            if run.state is not None and run.state.is_final():
+                rows["incident ended"] = run.state.name
+                if run.state.is_completed():
+                    recovered = time.time() - caused_at
+                break
+            time.sleep(2)
+    rows["time to recover"] = (
+        format_duration(recovered) if recovered is not None else "not recovered"
+    )
+
+    # 6. The drill's report.
+    create_markdown_artifact(
+        markdown=f"## Drill: {issue}\n\n" + "\n".join(f"- **{k}:** {v}" for k, v in rows.items()),
+        key="drill-report",
+        description=f"drill {issue}: detect {rows['time to detect']}, "
+        f"recover {rows['time to recover']}",
+    )
+    return {"time_to_detect": detected, "time_to_recover": recovered, **rows}
