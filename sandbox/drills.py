@@ -121,7 +121,7 @@ def _read_run(run_id: Any) -> FlowRun:
 
 @flow(name="drill", flow_run_name="drill-{issue}")
 def drill(
-    issue: Issue,
+    issue: Issue = "queue-backlog",
     detect_timeout_seconds: Annotated[int, Field(ge=10, le=1800)] = 300,
     hold_seconds: Annotated[int, Field(ge=0, le=3600)] = 120,
     recover_timeout_seconds: Annotated[int, Field(ge=10, le=7200)] = 1800,
