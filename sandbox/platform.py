@@ -287,9 +287,6 @@ class Sandbox(Service):
         # superuser may create (the restore runs as the application role).
         with psycopg.connect(self.postgres.admin_dsn, autocommit=True) as admin:
             admin.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        # moto keeps its state per process: a second sandbox in one process (the benchmark
-        # suites run one after another) must not meet the first one's bucket and secret.
-        self.moto.reset()
         self.s3().create_bucket(Bucket=BACKUP_BUCKET)
         self.secretsmanager().create_secret(
             Name=API_KEY_SECRET_ID, SecretString=secrets.token_urlsafe(32)

@@ -1,39 +1,30 @@
-"""The moto AWS emulator (S3, Secrets Manager, ...) served over HTTP from a thread."""
+"""The moto AWS emulator (S3, Secrets Manager, ...) as a subprocess on a loopback port."""
 
 from __future__ import annotations
 
-import logging
-import threading
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.error
 import urllib.request
-from typing import Any, Self
+from pathlib import Path
+from typing import Self
 
-from .base import LOOPBACK, Service
+from .base import LOOPBACK, ServerProcess
 
 
-class MotoServer(Service):
-    """The moto AWS emulator (S3, Secrets Manager, ...) served over HTTP from a thread.
+class MotoServer(ServerProcess):
+    """The moto AWS emulator (S3, Secrets Manager, ...) in a process of its own.
 
-    Point boto3 at it with ``boto3.client("s3", **moto.boto3_kwargs())``. Note that moto
-    keeps its state per *process*: two MotoServers in one process share buckets and
-    secrets; ``reset()`` wipes that state.
+    Point boto3 at it with ``boto3.client("s3", **moto.boto3_kwargs())``. moto keeps its
+    buckets and secrets per *process*: in a process of its own, each MotoServer has its own
+    state, and ``reset()`` (moto's ``/moto-api/reset``) wipes only this one's — a test
+    resetting its own moto cannot empty the sandbox's.
     """
 
-    def __init__(self, *, port: int | None = None) -> None:
-        # Port 0 lets the OS pick while binding: ThreadedMotoServer binds inside its thread
-        # and would wait forever if a pre-picked port had been taken meanwhile.
-        self._port = port or 0
-        self._server: Any = None
-        self._lock = threading.RLock()
-
-    @property
-    def host(self) -> str:
-        return LOOPBACK
-
-    @property
-    def port(self) -> int:
-        if not self._port:
-            raise RuntimeError("MotoServer has no port yet: call start() first")
-        return self._port
+    def __init__(self, *, port: int | None = None, startup_timeout: float = 30.0) -> None:
+        super().__init__(port=port, startup_timeout=startup_timeout)
 
     @property
     def endpoint_url(self) -> str:
@@ -41,7 +32,7 @@ class MotoServer(Service):
 
     @property
     def is_running(self) -> bool:
-        return self._server is not None
+        return self._proc is not None and self._proc.poll() is None
 
     def boto3_kwargs(self, region_name: str = "us-east-1") -> dict[str, str]:
         """Keyword arguments for ``boto3.client(...)``: endpoint, region, dummy credentials."""
@@ -54,39 +45,65 @@ class MotoServer(Service):
 
     def start(self) -> Self:
         with self._lock:
-            if self._server is not None:
+            if self.is_running:
                 return self
-            # moto is a dev dependency: import it only when a moto server is wanted.
-            from moto.server import ThreadedMotoServer
-
-            server = ThreadedMotoServer(ip_address=LOOPBACK, port=self._port, verbose=False)
-            # werkzeug logs every request at INFO: noise on `make up`'s console.
-            logging.getLogger("werkzeug").setLevel(logging.WARNING)
             self._arm_atexit()
             try:
-                server.start()
-                self._port = int(server.get_host_and_port()[1])
+                self._tmp = Path(tempfile.mkdtemp(prefix="ca-moto-"))
+                self._launch(
+                    "moto_server",
+                    # moto is a dev dependency, run by this interpreter (the project's venv).
+                    lambda port: [
+                        sys.executable,
+                        "-m",
+                        "moto.server",
+                        "-H",
+                        LOOPBACK,
+                        "-p",
+                        str(port),
+                    ],
+                    self._tmp / "moto.log",
+                    may_move=not self._port_fixed,
+                )
+                self._port_fixed = True  # a restart comes back on the same port
             except BaseException:
-                self._disarm_atexit()
+                self.stop()
                 raise
-            self._server = server
             return self
 
     def stop(self) -> None:
         """Stop serving and release the port. Idempotent; ``start()`` reuses the port."""
         with self._lock:
-            server, self._server = self._server, None
-            if server is not None:
-                server.stop()
-                # ThreadedMotoServer.stop() leaves the listening socket open.
-                wsgi_server = getattr(server, "_server", None)
-                if wsgi_server is not None:
-                    wsgi_server.server_close()
+            self._stop_process()
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                self._tmp = None
             self._disarm_atexit()
 
     def reset(self) -> None:
-        """Forget every bucket, secret, ... (moto's ``/moto-api/reset``)."""
+        """Forget every bucket, secret, ... of this server (moto's ``/moto-api/reset``)."""
         url = f"{self.endpoint_url}/moto-api/reset"  # always http://127.0.0.1
         request = urllib.request.Request(url, method="POST")  # noqa: S310
         with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
             response.read()
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(  # noqa: S310 (loopback URL we built)
+                f"{self.endpoint_url}/moto-api/", timeout=0.5
+            ) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _stop_process(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)

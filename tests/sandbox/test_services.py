@@ -248,6 +248,20 @@ def test_moto_reset_forgets_everything_and_stop_releases_the_port():
     server.stop()  # idempotent
 
 
+def test_resetting_one_moto_leaves_another_ones_state_alone(moto):
+    # moto's state is per process: each MotoServer runs in its own, so a test that resets
+    # its own server cannot empty the session sandbox's buckets and secrets.
+    s3 = boto3.client("s3", **moto.boto3_kwargs())
+    try:
+        s3.create_bucket(Bucket="kept-elsewhere")
+        with MotoServer() as other:
+            other.reset()
+        assert "kept-elsewhere" in {b["Name"] for b in s3.list_buckets()["Buckets"]}
+    finally:
+        s3.delete_bucket(Bucket="kept-elsewhere")
+        s3.close()
+
+
 def test_a_port_in_use_is_a_clear_error_and_leaves_nothing_behind(monkeypatch):
     # A temporary directory of this test's own, traversable by PostgreSQL's user: other
     # processes on the machine create and remove temporary files in /tmp meanwhile.
