@@ -124,7 +124,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     and written to `.local/fault-matrix.md`."""
     import sys
 
-    matrix = getattr(sys.modules.get("tests.test_fault_matrix"), "FAULT_MATRIX", None)
+    module = next((m for n, m in sys.modules.items() if n.endswith("test_fault_matrix")), None)
+    matrix = getattr(module, "FAULT_MATRIX", None)
     if not matrix:
         return
     from deployments.catalog import PROJECT_ROOT

@@ -291,6 +291,9 @@ def clean(platform: Any, kube: Any) -> Any:
     clear_all_intents()
     clear_backups(platform)
     yield platform
+    # A cell that did not hold must not fail the next ones: open the live database again.
+    with psycopg.connect(platform.postgres.admin_dsn, autocommit=True) as admin:
+        admin.execute("ALTER DATABASE complianceagent ALLOW_CONNECTIONS true")
     clear_all_intents()
     drop_databases_like(platform, r"complianceagent\_restore\_%")
     clear_backups(platform)
