@@ -163,7 +163,7 @@ CASES = [
         "flows.secret_rotation",
         "secret_rotation",
         {"secret": "database-password"},
-        ("deployment/backend", "deployment/celery-workers"),
+        (f"secret/{DATABASE_PASSWORD_SECRET_ID}", *(f"deployment/{n}" for n in WRITERS)),
     ),
     Case(
         "secret-rotation",
@@ -171,7 +171,7 @@ CASES = [
         "flows.secret_rotation",
         "secret_rotation",
         {"secret": "api-key"},
-        ("deployment/backend", "deployment/celery-workers"),
+        (f"secret/{API_KEY_SECRET_ID}", *(f"deployment/{n}" for n in WRITERS)),
     ),
 ]
 
