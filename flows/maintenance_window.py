@@ -178,6 +178,7 @@ def maintenance_window(
         with timer.step("status page: scheduled"):
             leave.status_page = True
             update_status_page("scheduled", _announcement(window))
+        fault_point("maintenance-window: status page scheduled")
 
         # 5. Silence the platform's alerts until the deadline (if Alertmanager is configured).
         if settings.alertmanager_url is not None:
@@ -186,6 +187,7 @@ def maintenance_window(
                     {"namespace": settings.namespace}, window, window.deadline + SILENCE_MARGIN
                 )
                 leave.silence_id = create_silence(body)
+            fault_point("maintenance-window: alerts silenced")
 
         # 6. Enter: MAINTENANCE_MODE=true, wait for the rollout.
         with timer.step("maintenance mode on"), exclusive(f"deployment/{backend}"):

@@ -145,6 +145,7 @@ def secret_rotation(
             # 4. createSecret: a new value as AWSPENDING, its version id derived from the run.
             with timer.step("createSecret (AWSPENDING)"):
                 progress.new = create_pending_version(target.secret_id, token, secret)
+            fault_point("secret-rotation: createSecret done")
             # 5. setSecret: the database password is changed on the role (API key: nothing).
             #    Each write step starts only while the locks are still ours.
             if target.role:

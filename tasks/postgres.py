@@ -214,8 +214,9 @@ def swap_databases(live: str, scratch: str, keep_as: str, wait_seconds: float = 
         conn.execute(
             sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(live))
         )
-        fault_point("restore: connections refused")
         try:
+            # Inside the try: a SIGTERM here (a cancel) must open the live database again.
+            fault_point("restore: connections refused")
             give_up_at = time.monotonic() + wait_seconds
             while True:
                 ended = conn.execute(

@@ -117,3 +117,27 @@ def pytest_collection_modifyitems(session: pytest.Session, config: Any, items: l
     from tests.test_rbac import RUNS_LAST
 
     items.sort(key=lambda item: item.name == RUNS_LAST)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fault matrix's table (tests/test_fault_matrix.py), whatever `-s` says: printed
+    and written to `.local/fault-matrix.md`."""
+    import sys
+
+    module = next((m for n, m in sys.modules.items() if n.endswith("test_fault_matrix")), None)
+    matrix = getattr(module, "FAULT_MATRIX", None)
+    if not matrix:
+        return
+    from deployments.catalog import PROJECT_ROOT
+
+    lines = ["| runbook | killed at | signal | invariants | notes |", "|---|---|---|---|---|"]
+    for (runbook, step, column), cell in sorted(matrix.items()):
+        held = "held" if cell["held"] else "**NOT HELD**"
+        boundary = step.split(": ", 1)[-1]
+        lines.append(f"| {runbook} | {boundary} | {column} | {held} | {cell['note']} |")
+    table = "\n".join(lines) + "\n"
+    out = PROJECT_ROOT / ".local" / "fault-matrix.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(table)
+    terminalreporter.write_sep("=", f"fault matrix (also in {out})")
+    terminalreporter.write(table)
