@@ -300,22 +300,30 @@ def without_prometheus(monkeypatch):
 
 
 def test_latency_from_prometheus_over_the_window(platform, kube, slow_api):
-    # Wait until the sandbox's Prometheus (1 s scrapes) has the slow traffic in range.
-    give_up = time.monotonic() + 60
-    while time.monotonic() < give_up:
-        window = httpx.get(
-            f"{platform.env['RUNBOOK_PROMETHEUS_URL']}/api/v1/query",
-            params={"query": "sum(increase(http_requests_total[10s]))"},
+    # Wait until the sandbox's Prometheus (1 s scrapes) has a 10 s window made of the slow
+    # traffic: its median request there is slow (earlier tests' quick requests aged out)
+    # and the 503s have a rate.
+    queries = (
+        "histogram_quantile(0.5, sum by (le) (rate(http_request_duration_seconds_bucket[10s])))",
+        'sum(rate(http_requests_total{status="503"}[10s]))',
+    )
+
+    def value(query: str) -> float:
+        result = httpx.get(
+            f"{platform.env['RUNBOOK_PROMETHEUS_URL']}/api/v1/query", params={"query": query}
         ).json()["data"]["result"]
-        if window and float(window[0]["value"][1]) > 10:
-            break
+        return float(result[0]["value"][1]) if result else 0.0
+
+    give_up = time.monotonic() + 60
+    while time.monotonic() < give_up and not (value(queries[0]) > 0.5 and value(queries[1]) > 0):
         time.sleep(0.5)
     state = diagnose_latency(window_seconds=10, return_state=True)
 
     assert state.is_completed(), state.message
     evidence = state.result().evidence
     assert evidence["source"] == "Prometheus, last 10 s"
-    assert 0.5 < evidence["p99_seconds"] <= 1.0  # the 0.7 s answers, by histogram_quantile
+    # the 0.7 s answers (a loaded machine adds to them: the next bucket ends at 2.5 s)
+    assert 0.5 < evidence["p99_seconds"] <= 2.5
     assert 0.1 < evidence["error_rate"] < 0.5
     assert evidence["cpu_percent"] is not None  # the backend's CPU gauge, measured
     assert kube.writes == []  # evidence only: nothing changed without `remediate`
@@ -328,7 +336,8 @@ def test_latency_evidence_and_approved_scale(platform, kube, slow_api, without_p
 
     assert state.is_completed(), state.message
     evidence = state.result().evidence
-    assert 0.5 < evidence["p99_seconds"] <= 1.0  # the 0.7 s answers, from the histogram
+    # the 0.7 s answers, from the histogram (a loaded machine adds to them; next bucket 2.5 s)
+    assert 0.5 < evidence["p99_seconds"] <= 2.5
     assert 0.1 < evidence["error_rate"] < 0.5  # the 503s of /health/ready: 1 client of 4
     assert "no Prometheus" in evidence["source"]
     [sleep] = [s for s in evidence["slow_statements"] if "pg_sleep" in s["query"]]
