@@ -10,7 +10,6 @@ after `group_wait` (short in the sandbox, so an alert reaches Prefect in seconds
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Self
@@ -121,15 +120,6 @@ class AlertmanagerServer(ServerProcess):
                 raise
             return self
 
-    def stop(self) -> None:
-        """Stop it and remove its directory. Idempotent."""
-        with self._lock:
-            self._stop_process()
-            if self._tmp is not None:
-                shutil.rmtree(self._tmp, ignore_errors=True)
-                self._tmp = None
-            self._disarm_atexit()
-
     def silences(self) -> list[dict[str, object]]:
         """`GET /api/v2/silences`: every silence, with its `status.state`."""
         response = httpx.get(f"{self.url}/api/v2/silences", timeout=5)
@@ -142,17 +132,3 @@ class AlertmanagerServer(ServerProcess):
             return httpx.get(f"{self.url}/-/ready", timeout=0.5).status_code == 200
         except httpx.HTTPError:
             return False
-
-    def _stop_process(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        else:
-            proc.wait()

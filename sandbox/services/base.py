@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -114,8 +115,33 @@ class ServerProcess(Service):
         """One attempt to reach the server; False while it is not ready yet."""
         raise NotImplementedError
 
+    @property
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self) -> None:
+        """Stop the server and remove its directory. Idempotent."""
+        with self._lock:
+            self._stop_process()
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                self._tmp = None
+            self._disarm_atexit()
+
     def _stop_process(self) -> None:
-        raise NotImplementedError
+        """SIGTERM, then SIGKILL if it has not exited within 5 s."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        else:
+            proc.wait()  # reap it
 
     def _launch(
         self, what: str, command: Callable[[int], list[str]], log_path: Path, *, may_move: bool

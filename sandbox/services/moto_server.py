@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import sys
 import tempfile
 import urllib.error
@@ -29,10 +27,6 @@ class MotoServer(ServerProcess):
     @property
     def endpoint_url(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-    @property
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def boto3_kwargs(self, region_name: str = "us-east-1") -> dict[str, str]:
         """Keyword arguments for ``boto3.client(...)``: endpoint, region, dummy credentials."""
@@ -71,15 +65,6 @@ class MotoServer(ServerProcess):
                 raise
             return self
 
-    def stop(self) -> None:
-        """Stop serving and release the port. Idempotent; ``start()`` reuses the port."""
-        with self._lock:
-            self._stop_process()
-            if self._tmp is not None:
-                shutil.rmtree(self._tmp, ignore_errors=True)
-                self._tmp = None
-            self._disarm_atexit()
-
     def reset(self) -> None:
         """Forget every bucket, secret, ... of this server (moto's ``/moto-api/reset``)."""
         url = f"{self.endpoint_url}/moto-api/reset"  # always http://127.0.0.1
@@ -95,15 +80,3 @@ class MotoServer(ServerProcess):
                 return bool(response.status == 200)
         except (urllib.error.URLError, OSError):
             return False
-
-    def _stop_process(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)

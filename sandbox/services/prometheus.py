@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -146,15 +145,6 @@ class PrometheusServer(ServerProcess):
                 raise
             return self
 
-    def stop(self) -> None:
-        """Stop it and remove its directory. Idempotent."""
-        with self._lock:
-            self._stop_process()
-            if self._tmp is not None:
-                shutil.rmtree(self._tmp, ignore_errors=True)
-                self._tmp = None
-            self._disarm_atexit()
-
     # --- reading it back (tests, drills) -------------------------------------------
 
     def query(self, expr: str) -> list[dict[str, Any]]:
@@ -176,20 +166,6 @@ class PrometheusServer(ServerProcess):
             return httpx.get(f"{self.url}/-/ready", timeout=0.5).status_code == 200
         except httpx.HTTPError:
             return False
-
-    def _stop_process(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()  # SIGTERM: Prometheus flushes its head block and exits
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        else:
-            proc.wait()
 
 
 _RANGE = re.compile(r"\[(\d+(?:ms|[smhdwy]))\]")

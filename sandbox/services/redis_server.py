@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Self
@@ -57,10 +56,6 @@ class RedisServer(ServerProcess):
         auth = f":{quote(self.password, safe='')}@" if self.password else ""
         return f"redis://{auth}{self.host}:{self.port}/0"
 
-    @property
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     def start(self) -> Self:
         with self._lock:
             if self.is_running:
@@ -81,15 +76,6 @@ class RedisServer(ServerProcess):
                 self.stop()
                 raise
             return self
-
-    def stop(self) -> None:
-        """Stop the server and remove its directory. Idempotent."""
-        with self._lock:
-            self._stop_process()
-            if self._tmp is not None:
-                shutil.rmtree(self._tmp, ignore_errors=True)
-                self._tmp = None
-            self._disarm_atexit()
 
     def _launch_redis(self, server: str, conf: Path) -> None:
         assert self._tmp is not None
@@ -132,17 +118,3 @@ class RedisServer(ServerProcess):
             return False  # not up yet, or someone else's server holds the port (poll() tells)
         finally:
             client.close()
-
-    def _stop_process(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()  # SIGTERM: Redis exits at once (nothing to save)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        else:
-            proc.wait()
