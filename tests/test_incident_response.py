@@ -173,7 +173,7 @@ def test_p1_manual_incident_pages_escalates_stops_on_ack_and_resolves_with_post_
 
 
 def test_a_repeated_alert_joins_the_open_incident_and_its_resolved_event_closes_it(
-    incidents: Sandbox, monkeypatch: pytest.MonkeyPatch
+    incidents: Sandbox, monkeypatch: pytest.MonkeyPatch, served_api: str
 ) -> None:
     monkeypatch.setenv("RUNBOOK_ESCALATION_CONTACTS", contacts(("On-call engineer", 0, None)))
     group = f'{{}}:{{alertname="HighErrorRate", test="{uuid.uuid4()}"}}'
@@ -214,8 +214,11 @@ def test_a_repeated_alert_joins_the_open_incident_and_its_resolved_event_closes_
     assert "Acknowledged by dave via event" in post_mortem
     assert "Resolved by alertmanager" in post_mortem
     assert "incident.repeated" in post_mortem
+    # The matching diagnosis ran as its own deployment (served, as in `make up`) and its
+    # report is in the evidence.
     evidence = str(read_artifacts(paused.id)["incident-evidence"].data)
-    assert "`diagnose-latency` is not deployed here" in evidence
+    assert "**Diagnosis:** `diagnose-latency` run" in evidence
+    assert "is not deployed here" not in evidence
 
     # A late copy of the firing notification after the resolution opens nothing either.
     assert incident_response(**alert)["verdict"] == "late"

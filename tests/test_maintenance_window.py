@@ -376,7 +376,7 @@ def test_cancelled_from_the_api_the_served_run_closes_the_window(platform, kube,
 def _approval_key() -> str:
     from flows.maintenance_window import _plan
 
-    return _plan("backend", "Vacuum", 1800, "manual", "latest").key
+    return _plan("backend", "Vacuum", 1800, "manual", "latest", {}).key  # the key is the title
 
 
 def _api_url() -> str:

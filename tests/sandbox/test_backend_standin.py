@@ -219,9 +219,18 @@ def test_stop_and_start_again_on_the_same_port(postgres, redis_server):
     standin.stop()  # idempotent
 
 
+def _drained(standin: BackendStandIn, within: float = 40) -> None:
+    """Wait until requests an earlier test left sleeping in the server (its client gave up
+    on them) have been answered: the gauge counts them until then."""
+    give_up = time.monotonic() + within
+    while standin.in_flight and time.monotonic() < give_up:
+        time.sleep(0.05)
+
+
 def test_in_flight_gauge_counts_requests_held_open_but_not_the_scrape(http, standin):
     import threading
 
+    _drained(standin)
     standin.delay_seconds["/api/v1/scans"] = 1.0
     held = [
         threading.Thread(target=lambda: httpx.get(f"{standin.url}/api/v1/scans", timeout=10))
@@ -241,6 +250,7 @@ def test_in_flight_gauge_counts_requests_held_open_but_not_the_scrape(http, stan
 
 
 def test_metrics_are_served_in_maintenance_mode(http, platform_state, standin):
+    _drained(standin)
     platform_state["maintenance"] = True
     response = http.get("/metrics")
     assert response.status_code == 200
