@@ -149,7 +149,8 @@ def test_failed_test_secret_removes_pending_and_puts_the_password_back(
     assert "nothing was restarted" in state.message
     after = versions(platform, DATABASE_PASSWORD_SECRET_ID)
     assert holder(platform, DATABASE_PASSWORD_SECRET_ID, "AWSPENDING") is None
-    assert {v: s for v, s in after.items() if s} == before  # stages as they were
+    # Stages as they were (versions an earlier rotation left without a stage do not count).
+    assert {v: s for v, s in after.items() if s} == {v: s for v, s in before.items() if s}
     assert value(platform, DATABASE_PASSWORD_SECRET_ID) == old_password
     assert kube.writes == []  # no restart
     with psycopg.connect(platform.postgres.admin_dsn, autocommit=True) as db:
