@@ -93,7 +93,7 @@ class AlertmanagerServer(ServerProcess):
 
     def start(self) -> Self:
         with self._lock:
-            if self._proc is not None and self._proc.poll() is None:
+            if self.is_running:
                 return self
             binary = find_alertmanager()
             self._arm_atexit()

@@ -103,7 +103,7 @@ class PrometheusServer(ServerProcess):
 
     def start(self) -> Self:
         with self._lock:
-            if self._proc is not None and self._proc.poll() is None:
+            if self.is_running:
                 return self
             binary = find_prometheus()
             self._arm_atexit()
