@@ -40,7 +40,7 @@ from runbook.decisions.retention import (
 from runbook.fault_points import fault_point
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import database_label, load_settings
-from tasks.approval import Plan, refuse_if_changed, request_approval
+from tasks.approval import Plan, RequestedBy, refuse_if_changed, request_approval
 from tasks.intent import clear_intent, record_intent
 from tasks.locks import exclusive
 from tasks.notify import announce
@@ -74,6 +74,7 @@ def backup(
     keep_daily: Annotated[int, Field(ge=1, le=366)] = DEFAULT_KEEP_DAILY,
     keep_weekly: Annotated[int, Field(ge=0, le=520)] = DEFAULT_KEEP_WEEKLY,
     verify_restore: bool = False,
+    requested_by: RequestedBy = None,
 ) -> dict[str, Any]:
     """Back the application database up to S3, streamed and checksummed; apply retention.
 
@@ -109,6 +110,7 @@ def backup(
             approval if they would delete a backup the defaults keep.
         verify_restore: Also restore the new backup into a scratch database and compare
             every table's row count with the manifest (takes as long as a restore).
+        requested_by: Who asks for this change (optional); that person cannot approve it.
     """
     settings = load_settings()
     logger = get_run_logger()

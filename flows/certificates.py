@@ -43,7 +43,7 @@ from runbook.decisions.locks import certificate_fingerprint
 from runbook.decisions.refusal import Refused
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import K8S_NAME, PlatformSettings, load_settings
-from tasks.approval import Plan, refuse_if_changed, request_approval
+from tasks.approval import Plan, RequestedBy, refuse_if_changed, request_approval
 from tasks.cert_manager import (
     find_certificate_request,
     list_certificates,
@@ -176,6 +176,7 @@ def cert_renewal(
     ],
     deadline_seconds: Annotated[int, Field(ge=10, le=3600)] = 600,
     verify_tls: bool = True,
+    requested_by: RequestedBy = None,
 ) -> dict[str, Any]:
     """Renew a cert-manager Certificate now (cmctl renew) and verify the new one is served.
 
@@ -191,6 +192,7 @@ def cert_renewal(
             to serve it before the run fails.
         verify_tls: Check by a TLS handshake that the endpoint serves the new certificate
             (RUNBOOK_TLS_ENDPOINTS says where; default: its first dnsName, port 443).
+        requested_by: Who asks for this change (optional); that person cannot approve it.
     """
     settings = load_settings()
     namespace = settings.namespace

@@ -67,7 +67,7 @@ from runbook.decisions.rollout import RolloutOutcome
 from runbook.fault_points import fault_point
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import load_settings
-from tasks.approval import Plan, refuse_if_changed, request_approval
+from tasks.approval import Plan, RequestedBy, refuse_if_changed, request_approval
 from tasks.intent import clear_intent, record_intent
 from tasks.kubernetes import (
     list_deployment_revisions,
@@ -202,6 +202,7 @@ def deploy(
     workers_follow_backend: bool = True,
     require_approval: bool = False,
     health_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0,
+    requested_by: RequestedBy = None,
 ) -> list[dict[str, Any]]:
     """Deploy a new version: set the images, watch the rollouts, verify health; roll back
     automatically if a rollout or the health check fails, or the run is stopped.
@@ -214,6 +215,7 @@ def deploy(
         require_approval: Pause for an approval before changing anything (production
             always does).
         health_timeout_seconds: Timeout of each health endpoint request after the rollout.
+        requested_by: Who asks for this change (optional); that person cannot approve it.
     """
     settings = load_settings()
     logger = get_run_logger()

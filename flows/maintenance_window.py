@@ -63,7 +63,7 @@ from runbook.fault_points import fault_point
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import load_settings
 from tasks.alertmanager import create_silence, expire_silence
-from tasks.approval import Plan, refuse_if_changed, request_approval
+from tasks.approval import Plan, RequestedBy, refuse_if_changed, request_approval
 from tasks.http import check_endpoint, wait_until_drained
 from tasks.intent import clear_intent, record_intent
 from tasks.kubernetes import (
@@ -118,6 +118,7 @@ def maintenance_window(
     work: Work = "manual",
     backup_id: Annotated[str, Field(pattern=rf"^({LATEST}|{BACKUP_ID_PATTERN})$")] = LATEST,
     drain_timeout_seconds: Annotated[int, Field(ge=1, le=900)] = 120,
+    requested_by: RequestedBy = None,
 ) -> dict[str, Any]:
     """Open a planned maintenance window on the backend, do the work, and always close it.
 
@@ -132,6 +133,7 @@ def maintenance_window(
         backup_id: For `restore` only: `latest` or a backup id.
         drain_timeout_seconds: How long to wait for in-flight requests to finish after
             maintenance mode is on, before giving up and closing the window (1-900).
+        requested_by: Who asks for this change (optional); that person cannot approve it.
     """
     settings = load_settings()
     logger = get_run_logger()

@@ -51,7 +51,7 @@ from runbook.decisions.refusal import Refused
 from runbook.redaction import redact_output
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import load_settings
-from tasks.approval import Plan, refuse_if_changed, request_approval
+from tasks.approval import Plan, RequestedBy, refuse_if_changed, request_approval
 from tasks.intent import clear_intent, record_intent
 from tasks.kubernetes import create_job, delete_job, read_deployment, read_job_logs, wait_for_job
 from tasks.locks import exclusive
@@ -101,6 +101,7 @@ def run_job(body: dict[str, Any], deadline_seconds: int) -> tuple[JobOutcome, st
 def migrations(
     require_maintenance_mode: bool = True,
     deadline_seconds: Annotated[int, Field(ge=60, le=4 * 3600)] = 1800,
+    requested_by: RequestedBy = None,
 ) -> dict[str, Any]:
     """Run the database migrations (alembic upgrade head) in a Job from the backend's image.
 
@@ -108,6 +109,7 @@ def migrations(
         require_maintenance_mode: Refuse unless the backend is in maintenance mode (run the
             maintenance-window runbook first); untick only for migrations safe under traffic.
         deadline_seconds: How long the migration may run before it is stopped (60-14400).
+        requested_by: Who asks for this change (optional); that person cannot approve it.
     """
     settings = load_settings()
     logger = get_run_logger()

@@ -46,7 +46,7 @@ from runbook.decisions.maintenance import WINDOW_ANNOTATION, open_window_of
 from runbook.decisions.migrations import MAINTENANCE_VARIABLE, job_outcome, maintenance_mode_of
 from runbook.decisions.release import choose_rollback
 from runbook.report import markdown_table
-from tasks.approval import Plan, request_approval
+from tasks.approval import Plan, RequestedBy, request_approval
 from tasks.intent import delete_intent, list_intents, read_run_states
 from tasks.kubernetes import (
     annotate_deployment,
@@ -271,12 +271,14 @@ def _pre_restore_databases() -> list[dict[str, Any]]:
 @flow(name="drop-pre-restore-databases", flow_run_name="drop-pre-restore-databases")
 def drop_pre_restore_databases(
     keep_days: Annotated[int, Field(ge=0, le=365)] = 7,
+    requested_by: RequestedBy = None,
 ) -> dict[str, Any]:
     """Drop the `<db>_pre_restore_<UTC time>` databases restores kept, past a retention,
     after an approval listing them (name, age, size).
 
     Args:
         keep_days: Keep the previous databases younger than this many days (0-365).
+        requested_by: Who asks for this change (optional); that person cannot approve it.
     """
     now = dt.datetime.now(dt.UTC)
     # 1. List them with age and size; choose those past the retention.

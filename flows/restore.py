@@ -49,7 +49,7 @@ from runbook.decisions.restore import (
 from runbook.fault_points import fault_point
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import database_label, load_settings
-from tasks.approval import Plan, refuse_if_changed, request_approval
+from tasks.approval import Plan, RequestedBy, refuse_if_changed, request_approval
 from tasks.intent import recorded_intent
 from tasks.kubernetes import (
     read_deployment_scale,
@@ -94,6 +94,7 @@ def restore(
     jobs: Annotated[int, Field(ge=1, le=16)] = 1,
     allow_schema_change: bool = False,
     check_health: bool = True,
+    requested_by: RequestedBy = None,
 ) -> dict[str, Any]:
     """Restore the application database from a backup, beside it, then swap it in.
 
@@ -139,6 +140,7 @@ def restore(
         check_health: Run the health check after the swap. A maintenance window unticks
             it: its backend answers 503 until maintenance mode is off, and the window
             checks health itself then.
+        requested_by: Who asks for this change (optional); that person cannot approve it.
     """
     settings = load_settings()
     timer = StepTimer()

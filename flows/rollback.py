@@ -37,7 +37,7 @@ from runbook.decisions.release import (
 )
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import load_settings
-from tasks.approval import Plan, refuse_if_changed, request_approval
+from tasks.approval import Plan, RequestedBy, refuse_if_changed, request_approval
 from tasks.intent import clear_intent, record_intent
 from tasks.kubernetes import (
     list_deployment_revisions,
@@ -74,6 +74,7 @@ def rollback(
     to_revision: Annotated[int | None, Field(ge=1)] = None,
     verify: bool = True,
     health_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0,
+    requested_by: RequestedBy = None,
 ) -> dict[str, Any]:
     """Roll a Deployment back to its previous revision or a given one (kubectl rollout undo).
 
@@ -82,6 +83,7 @@ def rollback(
         to_revision: Revision to bring back (see rollout-history); empty for the previous one.
         verify: Check the five health endpoints after the rollout.
         health_timeout_seconds: Timeout of each health endpoint request.
+        requested_by: Who asks for this change (optional); that person cannot approve it.
     """
     logger = get_run_logger()
     name = load_settings().deployment_name(deployment)

@@ -45,7 +45,7 @@ from runbook.decisions.scaling import (
 from runbook.fault_points import fault_point
 from runbook.report import markdown_table
 from runbook.settings import load_settings
-from tasks.approval import Plan, refuse_if_changed, request_approval
+from tasks.approval import Plan, RequestedBy, refuse_if_changed, request_approval
 from tasks.intent import clear_intent, record_intent
 from tasks.kubernetes import (
     apply_horizontal_pod_autoscaler,
@@ -55,9 +55,6 @@ from tasks.kubernetes import (
     wait_for_rollout,
 )
 from tasks.locks import exclusive
-
-# Who asks; kept as a name (never a credential). The approver must be someone else.
-RequestedBy = Annotated[str | None, Field(max_length=100, examples=["alice"])]
 
 # How long a scale may take to have its replicas available before the run fails.
 SCALE_DEADLINE_SECONDS = 600

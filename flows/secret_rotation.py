@@ -49,7 +49,7 @@ from runbook.decisions.secrets import KeyCheck, SecretName, rotation_token, stag
 from runbook.fault_points import fault_point
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import MissingSetting, PlatformSettings, load_settings
-from tasks.approval import Plan, refuse_if_changed, request_approval
+from tasks.approval import Plan, RequestedBy, refuse_if_changed, request_approval
 from tasks.http import status_with_api_key
 from tasks.intent import clear_intent, record_intent
 from tasks.locks import exclusive_all
@@ -101,6 +101,7 @@ class Progress:
 def secret_rotation(
     secret: Annotated[SecretName, Field(examples=["api-key"])] = "api-key",  # noqa: S107 (a name)
     health_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0,
+    requested_by: RequestedBy = None,
 ) -> dict[str, Any]:
     """Rotate a secret with Secrets Manager's four steps, restart backend and workers, and
     verify they use the new value; put the old one back if anything fails.
@@ -109,6 +110,7 @@ def secret_rotation(
         secret: Which configured secret to rotate: api-key (the API key) or
             database-password (the application role's PostgreSQL password).
         health_timeout_seconds: Timeout of each health endpoint request.
+        requested_by: Who asks for this change (optional); that person cannot approve it.
     """
     settings = load_settings()
     logger = get_run_logger()

@@ -21,6 +21,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Annotated
 
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
@@ -37,6 +38,10 @@ from runbook.decisions.approval import Requester, requester_of, same_person
 from runbook.decisions.locks import plan_changes, stale_plan_message
 from runbook.settings import load_settings
 from tasks.notify import notify_chat
+
+# A flow's optional `requested_by` parameter: who asks, kept as a name (never a credential).
+# The approver must be someone else (runbook/decisions/approval.py).
+RequestedBy = Annotated[str | None, Field(max_length=100, examples=["alice"])]
 
 
 class ApprovalDecision(RunInput):

@@ -58,3 +58,28 @@ def test_periodic_runbooks_are_scheduled():
     schedules = {spec.name: spec.schedules for spec in CATALOG}
     assert schedules["health-check"][0]["cron"] == "*/5 * * * *"
     assert schedules["secret-rotation"][0]["interval"] == 30 * 24 * 3600
+
+
+# Runbooks a person starts that can pause for an approval: each takes `requested_by`, so
+# four eyes hold even where no authenticating proxy names the requester.
+# (incident-response and the diagnoses are started by alerts: there is no requester.)
+APPROVING_RUNBOOKS = (
+    "autoscale",
+    "backup",
+    "cert-renewal",
+    "deploy",
+    "drop-pre-restore-databases",
+    "maintenance-window",
+    "migrations",
+    "restore",
+    "rollback",
+    "scale",
+    "secret-rotation",
+)
+
+
+@pytest.mark.parametrize("name", APPROVING_RUNBOOKS)
+def test_runbooks_that_ask_for_approval_take_the_requester(name):
+    (spec,) = [s for s in CATALOG if s.name == name]
+    properties = parameter_schema(spec.load_flow().fn).model_dump_for_openapi()["properties"]
+    assert "cannot approve" in properties["requested_by"]["description"]

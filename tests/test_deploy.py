@@ -251,6 +251,31 @@ def test_approved_deploy_is_carried_out(platform, kube):
 
 
 @pytest.mark.slow
+def test_the_person_who_asked_for_a_deploy_cannot_approve_it(platform, kube):
+    run = start_in_thread(
+        deploy,
+        version="2.6.1",
+        components=["frontend"],
+        require_approval=True,
+        requested_by="carol",
+    )
+    paused = wait_for_paused_run("deploy")
+    assert "carol (from the parameter)" in read_artifacts(paused.id)["approval-plan"].data
+
+    resume_flow_run(paused.id, run_input={"approve": True, "approver": "Carol", "reason": "x"})
+    assert wait_for_paused_run("deploy").id == paused.id  # refused: still waiting
+    assert "Carol requested this run" in (
+        read_artifacts(paused.id)["approval-refused-self-approval"].data
+    )
+    assert kube.writes == []
+
+    resume_flow_run(paused.id, run_input=APPROVE)
+    state = run.join()
+    assert state.is_completed(), state.message
+    assert image_of(kube, "frontend").endswith(":2.6.1")
+
+
+@pytest.mark.slow
 def test_two_deploys_of_the_same_component_never_interleave(platform, kube):
     kube.rollout_delay = 3  # the first holds the lock through a rollout that takes a while
     first = start_in_thread(deploy, version="2.7.0", components=["frontend"])
