@@ -10,7 +10,6 @@ after `group_wait` (short in the sandbox, so an alert reaches Prefect in seconds
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Self
 
@@ -92,33 +91,26 @@ class AlertmanagerServer(ServerProcess):
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> Self:
-        with self._lock:
-            if self.is_running:
+        binary = find_alertmanager()
+        with self._starting("ca-alertmanager-") as tmp:
+            if tmp is None:
                 return self
-            binary = find_alertmanager()
-            self._arm_atexit()
-            try:
-                self._tmp = Path(tempfile.mkdtemp(prefix="ca-alertmanager-"))
-                config = self._tmp / "alertmanager.yml"
-                config.write_text(alertmanager_config(self.webhook_url, **self.route_timing))
-                tmp = self._tmp
-                self._launch(
-                    "prometheus-alertmanager",
-                    lambda port: [
-                        binary,
-                        f"--config.file={config}",
-                        f"--storage.path={tmp / 'data'}",
-                        f"--web.listen-address={LOOPBACK}:{port}",
-                        "--cluster.listen-address=",  # one instance: no gossip port
-                        "--log.level=warn",
-                    ],
-                    tmp / "alertmanager.log",
-                    may_move=not self._port_fixed,
-                )
-            except BaseException:
-                self.stop()
-                raise
-            return self
+            config = tmp / "alertmanager.yml"
+            config.write_text(alertmanager_config(self.webhook_url, **self.route_timing))
+            self._launch(
+                "prometheus-alertmanager",
+                lambda port: [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.path={tmp / 'data'}",
+                    f"--web.listen-address={LOOPBACK}:{port}",
+                    "--cluster.listen-address=",  # one instance: no gossip port
+                    "--log.level=warn",
+                ],
+                tmp / "alertmanager.log",
+                may_move=not self._port_fixed,
+            )
+        return self
 
     def silences(self) -> list[dict[str, object]]:
         """`GET /api/v2/silences`: every silence, with its `status.state`."""

@@ -13,9 +13,11 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -110,6 +112,23 @@ class ServerProcess(Service):
         if self._port is None:
             raise RuntimeError(f"{type(self).__name__} has no port yet: call start() first")
         return self._port
+
+    @contextmanager
+    def _starting(self, prefix: str) -> Iterator[Path | None]:
+        """The shape of every `start()`: under the lock; nothing to do (yields None) when
+        it runs already; else a fresh directory to start in, and on any failure everything
+        stopped and removed again before the error goes on."""
+        with self._lock:
+            if self.is_running:
+                yield None
+                return
+            self._arm_atexit()
+            try:
+                self._tmp = Path(tempfile.mkdtemp(prefix=prefix))
+                yield self._tmp
+            except BaseException:
+                self.stop()
+                raise
 
     def _answers(self) -> bool:
         """One attempt to reach the server; False while it is not ready yet."""

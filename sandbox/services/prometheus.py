@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -102,48 +101,35 @@ class PrometheusServer(ServerProcess):
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> Self:
-        with self._lock:
-            if self.is_running:
+        binary = find_prometheus()
+        with self._starting("ca-prometheus-") as tmp:
+            if tmp is None:
                 return self
-            binary = find_prometheus()
-            self._arm_atexit()
-            try:
-                self._tmp = Path(tempfile.mkdtemp(prefix="ca-prometheus-"))
-                rule_files = self.rule_files
-                if self.rule_clock is not None:
-                    window, hold = self.rule_clock
-                    rule_files = [
-                        time_compressed_rules(
-                            path, self._tmp / f"{i}-{path.name}", window=window, hold=hold
-                        )
-                        for i, path in enumerate(self.rule_files)
-                    ]
-                config = self._tmp / "prometheus.yml"
-                config.write_text(
-                    yaml.safe_dump(
-                        prometheus_config(
-                            self.targets, rule_files, self.alertmanager_url, self.interval
-                        ),
-                        sort_keys=False,
-                    )
-                )
-                tmp = self._tmp
-                self._launch(
-                    "prometheus",
-                    lambda port: [
-                        binary,
-                        f"--config.file={config}",
-                        f"--storage.tsdb.path={tmp / 'data'}",
-                        f"--web.listen-address={LOOPBACK}:{port}",
-                        "--log.level=warn",
-                    ],
-                    tmp / "prometheus.log",
-                    may_move=not self._port_fixed,
-                )
-            except BaseException:
-                self.stop()
-                raise
-            return self
+            rule_files = self.rule_files
+            if self.rule_clock is not None:
+                window, hold = self.rule_clock
+                rule_files = [
+                    time_compressed_rules(path, tmp / f"{i}-{path.name}", window=window, hold=hold)
+                    for i, path in enumerate(self.rule_files)
+                ]
+            config = tmp / "prometheus.yml"
+            settings = prometheus_config(
+                self.targets, rule_files, self.alertmanager_url, self.interval
+            )
+            config.write_text(yaml.safe_dump(settings, sort_keys=False))
+            self._launch(
+                "prometheus",
+                lambda port: [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp / 'data'}",
+                    f"--web.listen-address={LOOPBACK}:{port}",
+                    "--log.level=warn",
+                ],
+                tmp / "prometheus.log",
+                may_move=not self._port_fixed,
+            )
+        return self
 
     # --- reading it back (tests, drills) -------------------------------------------
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Self
 from urllib.parse import quote
@@ -57,25 +56,19 @@ class RedisServer(ServerProcess):
         return f"redis://{auth}{self.host}:{self.port}/0"
 
     def start(self) -> Self:
-        with self._lock:
-            if self.is_running:
+        server = ensure_redis_server_installed()
+        with self._starting("ca-redis-") as tmp:
+            if tmp is None:
                 return self
-            server = ensure_redis_server_installed()
-            self._arm_atexit()
-            try:
-                self._tmp = Path(tempfile.mkdtemp(prefix="ca-redis-"))
-                conf = self._tmp / "redis.conf"
-                conf.touch(mode=0o600)
-                if self.password:
-                    escaped = self.password.replace("\\", "\\\\").replace('"', '\\"')
-                    conf.write_text(f'requirepass "{escaped}"\n')
-                self._launch_redis(server, conf)
-                # Once it has run on a port, restarts must come back on that port.
-                self._port_fixed = True
-            except BaseException:
-                self.stop()
-                raise
-            return self
+            conf = tmp / "redis.conf"
+            conf.touch(mode=0o600)
+            if self.password:
+                escaped = self.password.replace("\\", "\\\\").replace('"', '\\"')
+                conf.write_text(f'requirepass "{escaped}"\n')
+            self._launch_redis(server, conf)
+            # Once it has run on a port, restarts must come back on that port.
+            self._port_fixed = True
+        return self
 
     def _launch_redis(self, server: str, conf: Path) -> None:
         assert self._tmp is not None
