@@ -111,6 +111,39 @@ def random_lowercase(length: int) -> str:
     return "".join(random.choices(string.ascii_lowercase, k=length))
 
 
+def running_pod(owner: JSON, now: float, *, ready_condition: bool) -> JSON:
+    """A Pod of `owner`'s template (a ReplicaSet's or a Job's), scheduled and running since
+    `now`: what the kubelet would report once its containers started."""
+    ns, name = ns_name(owner)
+    template = owner["spec"]["template"]
+    spec = {**copy.deepcopy(template.get("spec") or {}), "nodeName": "emulated-node"}
+    status: JSON = {"phase": "Running", "startTime": rfc3339(now)}
+    if ready_condition:
+        status["conditions"] = [{"type": "Ready", "status": "True"}]
+    status["containerStatuses"] = [
+        {
+            "name": c["name"],
+            "image": c["image"],
+            "imageID": "",
+            "ready": True,
+            "restartCount": 0,
+            "started": True,
+            "state": {"running": {"startedAt": rfc3339(now)}},
+        }
+        for c in spec.get("containers", [])
+    ]
+    return {
+        "metadata": {
+            "name": f"{name}-{random_lowercase(5)}",
+            "namespace": ns,
+            "labels": dict((template.get("metadata") or {}).get("labels") or {}),
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": spec,
+        "status": status,
+    }
+
+
 def images(template: JSON) -> list[str]:
     spec = template.get("spec") or {}
     return [c.get("image", "") for c in spec.get("containers", []) + spec.get("initContainers", [])]

@@ -5,7 +5,6 @@ leaving the configured logs behind."""
 
 from __future__ import annotations
 
-import copy
 import functools
 import threading
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 from ..cluster import Cluster
 from ..records import HistoryEvent
 from ..resources import JOBS, JSON, PODS, rfc3339
-from .base import Controller, ns_name, owner_reference, random_lowercase, set_condition
+from .base import Controller, ns_name, running_pod, set_condition
 from .job_runner import ContainerConfigError, LocalProcess, Outcome, container_env
 from .scheduler import Scheduler
 
@@ -97,38 +96,8 @@ class JobController(Controller):
         threading.Thread(target=run, name=f"job-{job['metadata']['name']}", daemon=True).start()
 
     def _create_job_pod(self, job: JSON, now: float) -> JSON:
-        ns, name = ns_name(job)
-        template = job["spec"]["template"]
-        spec = {**copy.deepcopy(template["spec"]), "nodeName": "emulated-node"}
-        containers = [
-            {
-                "name": c["name"],
-                "image": c["image"],
-                "imageID": "",
-                "ready": True,
-                "restartCount": 0,
-                "started": True,
-                "state": {"running": {"startedAt": rfc3339(now)}},
-            }
-            for c in spec["containers"]
-        ]
-        return self.cluster.create(
-            PODS,
-            {
-                "metadata": {
-                    "name": f"{name}-{random_lowercase(5)}",
-                    "namespace": ns,
-                    "labels": dict((template.get("metadata") or {}).get("labels") or {}),
-                    "ownerReferences": [owner_reference(job)],
-                },
-                "spec": spec,
-                "status": {
-                    "phase": "Running",
-                    "startTime": rfc3339(now),
-                    "containerStatuses": containers,
-                },
-            },
-        )
+        # A Job's pod has no Ready condition while it runs: it is not behind a Service.
+        return self.cluster.create(PODS, running_pod(job, now, ready_condition=False))
 
     def _finish_job(
         self, ns: str, name: str, uid: str, pod_name: str, outcome: Outcome | None = None

@@ -5,11 +5,10 @@ at once; scaling down removes the newest first, as the real controller prefers."
 
 from __future__ import annotations
 
-import copy
 import time
 
-from ..resources import JSON, PODS, REPLICASETS, rfc3339
-from .base import Controller, ns_name, owner_reference, random_lowercase
+from ..resources import JSON, PODS, REPLICASETS
+from .base import Controller, ns_name, running_pod
 
 
 class ReplicaSetController(Controller):
@@ -28,40 +27,7 @@ class ReplicaSetController(Controller):
             self._create_pod(replicaset)
 
     def _create_pod(self, replicaset: JSON) -> JSON:
-        ns, name = ns_name(replicaset)
-        now = time.time()
-        template = replicaset["spec"]["template"]
-        spec = {**copy.deepcopy(template.get("spec") or {}), "nodeName": "emulated-node"}
-        containers = [
-            {
-                "name": c["name"],
-                "image": c["image"],
-                "imageID": "",
-                "ready": True,
-                "restartCount": 0,
-                "started": True,
-                "state": {"running": {"startedAt": rfc3339(now)}},
-            }
-            for c in spec.get("containers", [])
-        ]
-        return self.cluster.create(
-            PODS,
-            {
-                "metadata": {
-                    "name": f"{name}-{random_lowercase(5)}",
-                    "namespace": ns,
-                    "labels": dict((template.get("metadata") or {}).get("labels") or {}),
-                    "ownerReferences": [owner_reference(replicaset)],
-                },
-                "spec": spec,
-                "status": {
-                    "phase": "Running",
-                    "startTime": rfc3339(now),
-                    "conditions": [{"type": "Ready", "status": "True"}],
-                    "containerStatuses": containers,
-                },
-            },
-        )
+        return self.cluster.create(PODS, running_pod(replicaset, time.time(), ready_condition=True))
 
 
 def _age(pod: JSON) -> tuple[str, str]:
