@@ -43,6 +43,8 @@ ALERTS: dict[str, tuple[str, ...]] = {
     "failing-deploy": (),  # no alert: the deploy's own rollback is the recovery
 }
 BACKLOG_MESSAGES = 1500  # over QueueBacklogHigh's 1000
+SLOW_SECONDS = 2.5  # every answer this late: p99 over HighLatency's 2 s
+TRAFFIC_CLIENTS = 4  # users hitting the slow backend, so its latency histogram fills
 BROKEN_VERSION = "9.9.9-broken"
 IDLE_CONNECTIONS = 18  # of the sandbox's pool of 20: over DatabaseConnectionsHigh's 80 %
 
@@ -88,11 +90,22 @@ def cause(issue: Issue, settings: PlatformSettings) -> Condition:
             tags=["drill"],
         )
         return Condition(None, f"deploy of backend {BROKEN_VERSION} started")
-    raise Refused(
-        "issue",
-        "latency drills need the backend stand-in's knobs, which live in the `make up` "
-        "process, not in this run: not available yet",
-    )
+    if issue == "latency":
+        base_url = str(settings.api_base_url).rstrip("/")
+        slow = conditions.slow_backend(base_url, latency=SLOW_SECONDS)
+        traffic = conditions.send_traffic(base_url, "/health", concurrency=TRAFFIC_CLIENTS)
+
+        def undo() -> None:
+            # Fast again first, so the traffic's last requests end at once.
+            try:
+                slow.undo()
+            finally:
+                traffic.undo()
+
+        return Condition(
+            undo, f"backend answers {SLOW_SECONDS:g} s late, {TRAFFIC_CLIENTS} clients calling"
+        )
+    raise Refused("issue", f"no drill for {issue!r}")
 
 
 def _incident_run(alertnames: tuple[str, ...], since: float) -> FlowRun | None:
