@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import time
+from uuid import UUID
 
 import httpx
 import pytest
 import redis
 
+from runbook.decisions.incidents import format_duration
 from runbook.settings import load_settings
 from sandbox.conditions import slow_backend
 from sandbox.drills import BACKLOG_MESSAGES, SLOW_SECONDS, TRAFFIC_CLIENTS, cause, drill
+from tests.helpers import read_artifacts, read_flow_run
+from tests.release_helpers import deployment_writes, image_of, kinds_of
 
 
 def broker(platform) -> redis.Redis:
@@ -90,3 +94,30 @@ def _sample(text: str, name: str) -> float:
     return next(
         float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " ")
     )
+
+
+@pytest.mark.slow
+def test_the_failing_deploy_drill_waits_for_the_rollback_and_reports_both_times(
+    platform, kube, served_api
+):
+    """The served `deploy` run (as under `make up`) sets the broken image, sees its rollout
+    fail and rolls back; the drill waits for that and times it from the deploy's start."""
+    recorded = image_of(kube, "backend")
+
+    state = drill(issue="failing-deploy", recover_timeout_seconds=90, return_state=True)
+
+    assert state.is_completed(), state.message
+    report = state.result()
+    deploy_run = read_flow_run(UUID(report["deploy run"].split("(")[1].split(")")[0]))
+    assert deploy_run.state is not None and deploy_run.state.is_failed()
+    assert "progress deadline exceeded" in str(deploy_run.state.message)
+    # Really rolled back: the broken image was set, then the recorded template restored.
+    assert image_of(kube, "backend") == recorded
+    assert kinds_of(deployment_writes(kube, "backend")) == ["set-image", "restore"]
+    detect, recover = report["time_to_detect"], report["time_to_recover"]
+    assert 0 < detect < recover < 90, report
+    drill_run = state.state_details.flow_run_id
+    artifact = str(read_artifacts(drill_run)["drill-report"].data)
+    assert f"**time to detect:** {format_duration(detect)}" in artifact
+    assert f"**time to recover:** {format_duration(recover)}" in artifact
+    print(f"\nfailing deploy: detected in {detect:.1f} s, recovered in {recover:.1f} s")
