@@ -254,10 +254,8 @@ def drill(
             hold_seconds,
             recover_timeout_seconds,
         )
-    rows["time to detect"] = format_duration(detected) if detected is not None else "not detected"
-    rows["time to recover"] = (
-        format_duration(recovered) if recovered is not None else "not recovered"
-    )
+    rows["time to detect"] = _took(detected, "not detected")
+    rows["time to recover"] = _took(recovered, "not recovered")
 
     # 6. The drill's report.
     create_markdown_artifact(
@@ -267,6 +265,11 @@ def drill(
         f"recover {rows['time to recover']}",
     )
     return {"time_to_detect": detected, "time_to_recover": recovered, **rows}
+
+
+def _took(seconds: float | None, otherwise: str) -> str:
+    """`1m 05s (65.3 s)`: readable, and the exact number for whoever compares drills."""
+    return f"{format_duration(seconds)} ({seconds:.1f} s)" if seconds is not None else otherwise
 
 
 def follow_incident(
@@ -303,6 +306,8 @@ def follow_incident(
     while time.monotonic() < give_up:
         run = _read_run(incident.id)
         if run.state is not None and run.state.is_final():
+            # Named now: at detection the run had not started, so not yet renamed.
+            rows["incident run"] = f"{run.name} ({run.id})"
             rows["incident ended"] = run.state.name
             if run.state.is_completed() and run.end_time is not None:
                 return detected, run.end_time.timestamp() - caused_at

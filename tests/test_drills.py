@@ -118,6 +118,6 @@ def test_the_failing_deploy_drill_waits_for_the_rollback_and_reports_both_times(
     assert 0 < detect < recover < 90, report
     drill_run = state.state_details.flow_run_id
     artifact = str(read_artifacts(drill_run)["drill-report"].data)
-    assert f"**time to detect:** {format_duration(detect)}" in artifact
-    assert f"**time to recover:** {format_duration(recover)}" in artifact
+    assert f"**time to detect:** {format_duration(detect)} ({detect:.1f} s)" in artifact
+    assert f"**time to recover:** {format_duration(recover)} ({recover:.1f} s)" in artifact
     print(f"\nfailing deploy: detected in {detect:.1f} s, recovered in {recover:.1f} s")
