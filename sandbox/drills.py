@@ -2,12 +2,14 @@
 real; watch the alert start incident-response; report time to detect and to recover.
 
     1. Refuse unless RUNBOOK_ENVIRONMENT=sandbox, before any side effect.
-    2. Cause the condition (sandbox/conditions.py on the real PostgreSQL / Redis; a
-       `-broken` image through the `deploy` runbook, whose rollout the emulator fails).
+    2. Cause the condition (sandbox/conditions.py on the real PostgreSQL / Redis, and on
+       the backend stand-in through its sandbox-only `PUT /sandbox/faults`; a `-broken`
+       image through the `deploy` runbook, whose rollout the emulator fails).
     3. Wait (bounded) for the incident-response run the alert starts: time to detect.
-    4. Hold the condition while the newcomer follows the incident, then remove it
-       (a failing deploy recovers by the deploy's own rollback).
+    4. Hold the condition while the newcomer follows the incident, then remove it.
     5. Wait (bounded) for the incident run to finish: time to recover.
+       A failing deploy instead: wait (bounded) for its deploy run and the backend back on
+       its previous image, available; both times count from the deploy run's start.
     6. Publish a markdown artifact with both.
 
 Lives under sandbox/ (not flows/): it imports sandbox/conditions.py, which the runbooks'
@@ -225,7 +227,8 @@ def drill(
         hold_seconds: How long the condition stays after detection, so the diagnosis finds
             it (0 to 3600); then the drill removes it.
         recover_timeout_seconds: How long to wait for the incident to be resolved, with
-            your acknowledgement and resolution in the UI (10 to 7200).
+            your acknowledgement and resolution in the UI (10 to 7200); for a failing
+            deploy, for its run and rollback to end.
     """
     logger = get_run_logger()
     settings = load_settings()
