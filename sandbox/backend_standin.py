@@ -25,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 import psycopg
 import redis
 from psycopg.conninfo import conninfo_to_dict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -53,6 +54,11 @@ CHECK_TIMEOUT_SECONDS = 2
 LOG_LINES_PER_POD = 10_000
 DEFAULT_POD = "backend-standin"
 
+# The sandbox's control path (never a path of the real backend's API).
+FAULTS_PATH = "/sandbox/faults"
+MAX_FAULT_LATENCY_SECONDS = 30.0
+MAX_CONTROL_BODY_BYTES = 4096
+
 _JSON = "application/json"
 _PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -65,6 +71,33 @@ class PodSecrets:
     api_key: str
     database_user: str
     database_password: str
+
+
+class Faults(BaseModel):
+    """What ``PUT /sandbox/faults`` sets: applied to every request the backend serves
+    (not ``/metrics``, not the control path itself)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    latency_seconds: float = Field(
+        ge=0, le=MAX_FAULT_LATENCY_SECONDS, description="Added before each answer."
+    )
+    error_rate: float = Field(
+        ge=0, le=1, description="Share of requests answered 500 (0.25: every 4th)."
+    )
+
+
+NO_FAULTS = Faults(latency_seconds=0, error_rate=0)
+
+
+def parse_faults(raw: bytes) -> Faults:
+    """The body of ``PUT /sandbox/faults``; ValueError naming the field otherwise."""
+    try:
+        return Faults.model_validate_json(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"]) or "body"
+        raise ValueError(f"{field}: {error['msg']}") from None
 
 
 class _RequestMetrics:
@@ -167,6 +200,8 @@ class BackendStandIn(ThreadedHTTPService):
       counts in ``http_requests_in_flight`` meanwhile).
     - ``force_status[path]``: answer ``path`` with this status until removed.
     - ``fail_next(path, status, times)``: answer the next ``times`` requests with ``status``.
+    - ``set_faults(Faults(...))`` / ``PUT /sandbox/faults``: latency and a 500 rate on
+      every request served (the HTTP form only with ``sandbox_controls``).
     - ``maintenance_mode`` / ``replicas``: the callables given, reassignable.
     - ``restart_pods()``: the pods (re)start and call ``load_secrets`` (``pod_starts``
       counts them); until then, and if loading fails, no key is accepted.
@@ -195,8 +230,14 @@ class BackendStandIn(ThreadedHTTPService):
         port: int = 0,
         tls_material: Callable[[], TLSMaterial | None] | None = None,
         pods: Callable[[], list[str]] = lambda: [DEFAULT_POD],
+        sandbox_controls: bool = False,
     ) -> None:
         super().__init__(host=host, port=port)
+        self.sandbox_controls = sandbox_controls
+        self.faults = NO_FAULTS
+        # Error budget of `faults.error_rate`: a request fails each time it reaches 1, so
+        # the share of 500s is exact (a measurement from outside sees the rate asked).
+        self._error_debt = 0.0
         # HTTPS on a second port, with the certificate of a TLS Secret (reloaded on change).
         self.tls = TLSListener(_Handler, self, tls_material, host) if tls_material else None
         self.database_dsn = database_dsn
@@ -247,6 +288,8 @@ class BackendStandIn(ThreadedHTTPService):
             self._failures.clear()
             self.requests.clear()
             self.log_clock = time.time_ns
+            self.faults = NO_FAULTS
+            self._error_debt = 0.0
         self._metrics.reset()
         with self._log_lock:
             self._logs.clear()
@@ -263,9 +306,51 @@ class BackendStandIn(ThreadedHTTPService):
 
     # -- serving ---------------------------------------------------------------------
 
+    def set_faults(self, faults: Faults) -> None:
+        """What ``PUT /sandbox/faults`` does (also usable in-process)."""
+        with self._knob_lock:
+            self.faults = faults
+            self._error_debt = 0.0
+
+    def _take_fault(self) -> tuple[float, bool]:
+        """(latency, answer 500?) for the request being served."""
+        with self._knob_lock:
+            faults = self.faults
+            self._error_debt += faults.error_rate
+            failing = self._error_debt >= 1 - 1e-9
+            if failing:
+                self._error_debt -= 1
+        return faults.latency_seconds, failing
+
+    def _serve_control(self, handler: BaseHTTPRequestHandler) -> None:
+        """``/sandbox/faults``: outside the backend (no counts, logs, metrics, pods)."""
+        if handler.command == "GET":
+            _drain_body(handler)
+            _send(handler, 200, self.faults.model_dump())
+            return
+        if handler.command != "PUT":
+            _drain_body(handler)
+            _send(handler, 405, {"detail": "Method Not Allowed: GET or PUT"})
+            return
+        length = int(handler.headers.get("Content-Length") or 0)
+        if length > MAX_CONTROL_BODY_BYTES:
+            handler.close_connection = True  # the body stays unread: do not reuse
+            _send(handler, 413, {"detail": f"body over {MAX_CONTROL_BODY_BYTES} bytes"})
+            return
+        try:
+            faults = parse_faults(handler.rfile.read(length) if length else b"")
+        except ValueError as exc:
+            _send(handler, 400, {"detail": str(exc)})
+            return
+        self.set_faults(faults)
+        _send(handler, 200, faults.model_dump())
+
     def _serve(self, handler: BaseHTTPRequestHandler) -> None:
         started = time.perf_counter()
         path = urlsplit(handler.path).path
+        if self.sandbox_controls and path == FAULTS_PATH:
+            self._serve_control(handler)
+            return
         _drain_body(handler)
         with self._knob_lock:
             self.requests[path] += 1
@@ -281,10 +366,14 @@ class BackendStandIn(ThreadedHTTPService):
             _send(handler, status, body, content_type)
             return
         with self._in_flight.held():
-            delay = self.delay_seconds.get(path, 0.0)
+            latency, failing = self._take_fault()
+            delay = self.delay_seconds.get(path, 0.0) + latency
             if delay > 0:
                 time.sleep(delay)
-            status, body, content_type = self._answer(handler.command, path, handler.headers)
+            if failing:
+                status, body, content_type = 500, {"detail": "injected fault (sandbox)"}, _JSON
+            else:
+                status, body, content_type = self._answer(handler.command, path, handler.headers)
             # Recorded before sending so a scrape right after this response includes it.
             self._metrics.observe(time.perf_counter() - started, status)
             self._log_request(handler, path, status, time.perf_counter() - started, body)

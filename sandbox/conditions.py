@@ -2,7 +2,9 @@
 runbooks' tests, and for drills on `make up`.
 
 - High API latency / errors: the backend stand-in's knobs (`delay_seconds`,
-  `force_status`) plus `send_traffic`, so its /metrics histogram has something to show.
+  `force_status` in-process; `slow_backend` over HTTP from any process, through its
+  sandbox-only `PUT /sandbox/faults`) plus `send_traffic`, so its /metrics histogram has
+  something to show.
 - Connection pool exhaustion: `hold_idle_connections` opens real PostgreSQL sessions that
   sit idle, or idle in a transaction.
 - Redis memory full: `fill_redis` writes cache keys, then sets maxmemory just above what is
@@ -217,6 +219,46 @@ def add_unacked(
         client.close()
     backlog.unacked_tags.append(tag)
     return tag
+
+
+# --- the backend: slow responses and 5xx, over HTTP -------------------------------------
+
+FAULTS_PATH = "/sandbox/faults"  # sandbox/backend_standin.py's control path
+
+
+@dataclass
+class SlowBackend:
+    """The stand-in's faults as they were (`before`) and as set (`now`)."""
+
+    base_url: str
+    before: dict[str, float]
+    now: dict[str, float]
+    _undone: bool = False
+
+    def undo(self) -> None:
+        if not self._undone:
+            put_faults(self.base_url, self.before)
+            self._undone = True
+
+
+def put_faults(base_url: str, faults: dict[str, float]) -> dict[str, float]:
+    """`PUT /sandbox/faults`; a refusal (400 naming the field) raises with its detail."""
+    with httpx.Client(base_url=base_url, timeout=10) as http:
+        answer = http.put(FAULTS_PATH, json=faults)
+    if answer.status_code != 200:
+        raise ValueError(f"{FAULTS_PATH} refused: {answer.status_code} {answer.text}")
+    return dict(answer.json())
+
+
+def slow_backend(base_url: str, latency: float, error_rate: float = 0.0) -> SlowBackend:
+    """Make the backend stand-in at `base_url` answer every request `latency` seconds late
+    and `error_rate` of them with 500; `undo()` puts back what it had before."""
+    with httpx.Client(base_url=base_url, timeout=10) as http:
+        found = http.get(FAULTS_PATH)
+    if found.status_code != 200:
+        raise ValueError(f"{base_url} has no sandbox controls ({found.status_code})")
+    now = put_faults(base_url, {"latency_seconds": latency, "error_rate": error_rate})
+    return SlowBackend(base_url, dict(found.json()), now)
 
 
 # --- the backend: traffic for its /metrics -------------------------------------------------

@@ -234,6 +234,9 @@ class Sandbox(Service):
                     tls_material=self._tls_material,
                     load_secrets=self._pod_secrets_now,
                     pods=self._backend_pods,
+                    # Drills run in another process than `make up`: they reach the
+                    # stand-in's latency and 5xx knobs over HTTP (sandbox/conditions.py).
+                    sandbox_controls=True,
                 )
             )
             self.kube.add_pod_log_source(self._backend_pod_log)

@@ -255,3 +255,89 @@ def test_metrics_are_served_in_maintenance_mode(http, platform_state, standin):
     response = http.get("/metrics")
     assert response.status_code == 200
     assert _metrics(response.text)["http_requests_in_flight"] == 0
+
+
+# --- the sandbox-only control path: /sandbox/faults ---------------------------------------
+
+
+@pytest.fixture
+def controlled(postgres, redis_server, platform_state) -> Iterator[BackendStandIn]:
+    """A stand-in started as the sandbox platform starts it: with its control path."""
+    platform_state.update(maintenance=False, replicas=1)
+    with BackendStandIn(
+        postgres.dsn,
+        redis_server.url,
+        maintenance_mode=lambda: bool(platform_state["maintenance"]),
+        replicas=lambda: int(platform_state["replicas"]),  # type: ignore[call-overload]
+        sandbox_controls=True,
+    ) as server:
+        yield server
+    platform_state.update(maintenance=False, replicas=1)
+
+
+def test_the_control_path_exists_only_when_started_with_sandbox_controls(http, standin):
+    refused = http.put("/sandbox/faults", json={"latency_seconds": 1, "error_rate": 0})
+    assert refused.status_code == 404
+    assert http.get("/health").elapsed.total_seconds() < 0.5  # nothing was set
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"latency_seconds": -1, "error_rate": 0}, "latency_seconds"),
+        ({"latency_seconds": 31, "error_rate": 0}, "latency_seconds"),
+        ({"latency_seconds": 0, "error_rate": 1.5}, "error_rate"),
+        ({"latency_seconds": 0}, "error_rate"),
+        ({"latency_seconds": 0, "error_rate": 0, "status": 500}, "status"),
+        ({"latency_seconds": "slow", "error_rate": 0}, "latency_seconds"),
+    ],
+)
+def test_bad_faults_are_refused_with_400_naming_the_field(controlled, body, field):
+    answer = httpx.put(f"{controlled.url}/sandbox/faults", json=body, timeout=10)
+    assert answer.status_code == 400
+    assert answer.json()["detail"].startswith(f"{field}:")
+    assert httpx.get(f"{controlled.url}/sandbox/faults", timeout=10).json() == {
+        "latency_seconds": 0.0,
+        "error_rate": 0.0,
+    }
+
+
+def test_a_body_that_is_not_json_or_too_big_is_refused(controlled):
+    url = f"{controlled.url}/sandbox/faults"
+    assert httpx.put(url, content=b"{nope", timeout=10).status_code == 400
+    assert httpx.put(url, content=b"x" * 10_000, timeout=10).status_code == 413
+    assert httpx.post(url, json={}, timeout=10).status_code == 405
+
+
+def test_the_control_path_is_not_the_backend_neither_counted_logged_nor_in_metrics(
+    controlled, platform_state
+):
+    with httpx.Client(base_url=controlled.url, timeout=10) as client:
+        # Even with no pods or in maintenance: the control is the sandbox's, not the app's.
+        platform_state["replicas"] = 0
+        assert client.get("/sandbox/faults").status_code == 200
+        platform_state.update(replicas=1, maintenance=True)
+        set_ = client.put("/sandbox/faults", json={"latency_seconds": 0, "error_rate": 0.5})
+        assert set_.json() == {"latency_seconds": 0.0, "error_rate": 0.5}
+        platform_state["maintenance"] = False
+        samples = _metrics(client.get("/metrics").text)
+    assert "/sandbox/faults" not in controlled.requests
+    assert samples["http_request_duration_seconds_count"] == 0
+    assert controlled.pod_log("backend-standin") is None  # no request log line either
+
+
+def test_faults_make_every_served_request_slow_and_an_exact_share_500(controlled):
+    with httpx.Client(base_url=controlled.url, timeout=10) as client:
+        client.put("/sandbox/faults", json={"latency_seconds": 0.2, "error_rate": 0.25})
+        started = time.perf_counter()
+        statuses = [client.get(path).status_code for path in ("/health", "/health/live") * 4]
+        took = time.perf_counter() - started
+        scrape_started = time.perf_counter()
+        samples = _metrics(client.get("/metrics").text)
+        scrape = time.perf_counter() - scrape_started
+    assert took >= 8 * 0.2
+    assert sorted(statuses) == [200] * 6 + [500] * 2
+    assert scrape < 0.2  # a scrape is not slowed: Prometheus must still see it
+    assert samples['http_requests_total{status="500"}'] == 2
+    assert samples['http_request_duration_seconds_bucket{le="0.1"}'] == 0
+    assert samples['http_request_duration_seconds_bucket{le="0.25"}'] == 8
