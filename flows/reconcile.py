@@ -6,8 +6,12 @@ how to put it back (`tasks.intent`, a Prefect Variable per run). When its proces
 what its undo would have done.
 
 Guarantees:
-- Runs every 2 minutes, and at once when a runbook run ends Crashed or Cancelled (the
-  automation prefect.yaml's `triggers:` create).
+- Runs every 2 minutes, and at once when a runbook run ends Crashed or Cancelled, or
+  stops sending heartbeats (the automations prefect.yaml's `triggers:` create).
+- A run Prefect still shows Running (or Paused, Cancelling) whose last heartbeat is older
+  than `RUNBOOK_HEARTBEAT_TIMEOUT_SECONDS` lost its process or node without anyone
+  seeing it exit: reconcile marks it Crashed through the API, saying why, and then
+  treats it as any dead run. A run that never sent a heartbeat is never guessed dead.
 - Never touches what a live run owns: an intent is acted on only when its run is in a
   terminal state (Crashed, Cancelled, Failed, Completed) or gone from the server, and no
   live run has recorded an intent on one of the same targets since.
@@ -35,19 +39,28 @@ from pydantic import Field
 from flows.restart import restart_deployments
 from runbook.decisions.deployment import deployment_view, main_container
 from runbook.decisions.intent import (
+    HEARTBEAT_STATES,
     Intent,
     describe_step,
     judge,
     pre_restore_age,
     pre_restore_to_drop,
     secret_repair,
+    silent_run,
 )
 from runbook.decisions.maintenance import WINDOW_ANNOTATION, open_window_of
 from runbook.decisions.migrations import MAINTENANCE_VARIABLE, job_outcome, maintenance_mode_of
 from runbook.decisions.release import choose_rollback
 from runbook.report import markdown_table
+from runbook.settings import load_settings
 from tasks.approval import Plan, request_approval
-from tasks.intent import delete_intent, list_intents, read_run_states
+from tasks.intent import (
+    delete_intent,
+    list_intents,
+    mark_crashed,
+    read_last_heartbeats,
+    read_run_states,
+)
 from tasks.kubernetes import (
     annotate_deployment,
     list_deployment_revisions,
@@ -104,25 +117,46 @@ def reconcile() -> dict[str, Any]:
             # 2. Read the recorded intents and the state of each one's run.
             intents, unreadable = list_intents()
             states = read_run_states([i.run_id for i in intents])
-            # 3. Judge: a dead run's intent, unless a live run now owns its targets.
+            # 3. A run shown alive whose heartbeats stopped lost its node: mark it Crashed.
+            crashed = _crash_silent_runs(states)
+            # 4. Judge: a dead run's intent, unless a live run now owns its targets.
             judgement = judge(intents, states)
-            # 4. Put each dead run's targets back, step by step; clear what is done.
+            # 5. Put each dead run's targets back, step by step; clear what is done.
             repairs = [_repair(intent) for intent in judgement.to_reconcile]
     except TimeoutError:
         logger.info("another reconcile holds the lock; nothing to do")
         return {"skipped": "another reconcile is running"}
 
-    # 5. List the previous databases restores kept (age, size).
+    # 6. List the previous databases restores kept (age, size).
     kept_databases = _pre_restore_databases()
 
-    # 6. Report: an artifact always, chat when something changed or needs a person.
-    _publish(repairs, judgement.left, unreadable, kept_databases)
+    # 7. Report: an artifact always, chat when something changed or needs a person.
+    _publish(repairs, judgement.left, unreadable, kept_databases, crashed)
     return {
         "reconciled": [r.intent.run_id for r in repairs if not r.kept],
         "changed": {r.intent.run_id: r.done for r in repairs if r.done},
         "left": {v.intent.run_id: v.why for v in judgement.left},
         "problems": {r.intent.run_id: r.problems for r in repairs if r.problems},
+        "marked_crashed": crashed,
     }
+
+
+def _crash_silent_runs(states: dict[str, str | None]) -> dict[str, str]:
+    """Mark Crashed the runs shown alive whose heartbeats stopped (`states` is updated
+    with what the server answers); run id → why."""
+    watched = [run_id for run_id, state in states.items() if state in HEARTBEAT_STATES]
+    if not watched:
+        return {}
+    timeout = load_settings().heartbeat_timeout_seconds
+    beats = read_last_heartbeats(watched)
+    now = dt.datetime.now(dt.UTC)
+    crashed = {}
+    for run_id in watched:
+        why = silent_run(states[run_id], beats.get(run_id), now, timeout)
+        if why is not None:
+            states[run_id] = mark_crashed(run_id, why)
+            crashed[run_id] = why
+    return crashed
 
 
 def _repair(intent: Intent) -> Repair:
@@ -307,13 +341,19 @@ def drop_pre_restore_databases(
 
 
 def _publish(
-    repairs: list[Repair], left: list[Any], unreadable: list[str], kept: list[dict[str, Any]]
+    repairs: list[Repair],
+    left: list[Any],
+    unreadable: list[str],
+    kept: list[dict[str, Any]],
+    crashed: Mapping[str, str],
 ) -> None:
     changed = [r for r in repairs if r.done]
     headline = (
         f"Reconcile: {len(changed)} dead run(s) put back, {len(repairs) - len(changed)} "
         f"already as recorded, {len(left)} left to live runs"
     )
+    if crashed:
+        headline += f"; {len(crashed)} silent run(s) marked Crashed"
     rows = [
         {
             "run": r.intent.run_id,
@@ -335,6 +375,10 @@ def _publish(
         )
         if left
         else "_none_",
+        "### Marked Crashed (heartbeats stopped)",
+        markdown_table([{"run": run_id, "why": why} for run_id, why in crashed.items()])
+        if crashed
+        else "_none_",
         "### Previous databases kept by restores",
         markdown_table(kept) if kept else "_none_",
     ]
@@ -342,8 +386,9 @@ def _publish(
         sections += ["### Unreadable intents", "\n".join(f"- {u}" for u in unreadable)]
     create_markdown_artifact(key="reconcile", markdown="\n\n".join(sections), description=headline)
     get_run_logger().info(headline)
-    if changed or any(r.problems for r in repairs):
-        lines = [
+    if changed or crashed or any(r.problems for r in repairs):
+        lines = [f"- run {run_id} marked Crashed: {why}" for run_id, why in crashed.items()]
+        lines += [
             f"- {r.intent.runbook} run {r.intent.run_id}: " + "; ".join(r.done + r.problems)
             for r in repairs
             if r.done or r.problems

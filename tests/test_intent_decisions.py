@@ -15,6 +15,7 @@ from runbook.decisions.intent import (
     pre_restore_to_drop,
     run_is_dead,
     secret_repair,
+    silent_run,
     variable_name,
 )
 
@@ -83,6 +84,28 @@ def test_a_dead_runs_targets_now_owned_by_a_live_run_are_left_to_it():
     judgement = judge([dead, newer], {"dead": "CRASHED", "newer": "RUNNING"})
     assert judgement.to_reconcile == []
     assert "live run newer now owns database/complianceagent" in judgement.left[0].why
+
+
+@pytest.mark.parametrize("state", ["RUNNING", "PAUSED", "CANCELLING"])
+def test_a_live_looking_run_silent_past_the_timeout_is_dead_and_says_why(state):
+    why = silent_run(state, NOW - dt.timedelta(seconds=91), NOW, 90)
+    assert why is not None
+    assert "no heartbeat for 91 s (limit 90 s)" in why and state.title() in why
+
+
+def test_a_run_with_a_fresh_heartbeat_is_alive():
+    assert silent_run("RUNNING", NOW - dt.timedelta(seconds=89), NOW, 90) is None
+    assert silent_run("RUNNING", NOW, NOW, 90) is None
+
+
+def test_a_run_that_never_sent_a_heartbeat_is_never_guessed_dead():
+    assert silent_run("RUNNING", None, NOW, 90) is None
+
+
+@pytest.mark.parametrize("state", ["SCHEDULED", "PENDING", "COMPLETED", "CRASHED", None])
+def test_silence_is_judged_only_where_a_process_sends_heartbeats(state):
+    # No process yet (Scheduled, Pending), or already final: not silent_run's business.
+    assert silent_run(state, NOW - dt.timedelta(hours=5), NOW, 90) is None
 
 
 def test_secret_repair_after_finish_secret_moves_current_back():

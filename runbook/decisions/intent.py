@@ -110,10 +110,43 @@ def run_is_dead(state_type: str | None) -> bool:
 
     Anything else (Running, Pending, Paused, Cancelling, Scheduled) is alive: its own
     process still owns what it recorded. A run whose process was killed stays Running
-    until Prefect marks it Crashed (its runner sees the process exit; a lost node is
-    caught by the missing heartbeats), and only then is it reconcile's.
+    until Prefect marks it Crashed (its runner sees the process exit), or until
+    `silent_run` finds its heartbeats stopped (a lost node: nobody saw the exit) and
+    reconcile marks it Crashed; only then is it reconcile's.
     """
     return state_type is None or state_type.upper() in TERMINAL_STATES
+
+
+# A run in one of these states has a process that sends heartbeats (a pause for an
+# approval or for manual work waits inside the process). Scheduled and Pending runs have
+# no process yet: their silence means nothing.
+HEARTBEAT_STATES = frozenset({"RUNNING", "PAUSED", "CANCELLING"})
+
+
+def silent_run(
+    state_type: str | None,
+    last_heartbeat: dt.datetime | None,
+    now: dt.datetime,
+    timeout_seconds: float,
+) -> str | None:
+    """Why a run Prefect still shows alive is dead (its heartbeats stopped), or None.
+
+    No heartbeat at all says nothing (heartbeats off for that run, or its first one not
+    stored yet): such a run is left alone, never guessed dead. The answer is the message
+    of the Crashed state reconcile sets.
+    """
+    if state_type is None or state_type.upper() not in HEARTBEAT_STATES:
+        return None
+    if last_heartbeat is None:
+        return None
+    silent = (now - last_heartbeat).total_seconds()
+    if silent < timeout_seconds:
+        return None
+    return (
+        f"no heartbeat for {silent:.0f} s (limit {timeout_seconds:.0f} s) while "
+        f"{state_type.title()}: its process or node is gone. Marked Crashed by reconcile, "
+        "which puts back what the run recorded it was changing"
+    )
 
 
 @dataclass(frozen=True)
