@@ -12,6 +12,9 @@ Guarantees:
   than `RUNBOOK_HEARTBEAT_TIMEOUT_SECONDS` lost its process or node without anyone
   seeing it exit: reconcile marks it Crashed through the API, saying why, and then
   treats it as any dead run. A run that never sent a heartbeat is never guessed dead.
+- A dead run's lock leases (recorded by `tasks.locks` when taken) are freed once its
+  intent is put back, so the next run of its targets starts at once instead of waiting
+  for Prefect's lease expiry (300 s); a live run's leases are never touched.
 - Never touches what a live run owns: an intent is acted on only when its run is in a
   terminal state (Crashed, Cancelled, Failed, Completed) or gone from the server, and no
   live run has recorded an intent on one of the same targets since.
@@ -43,6 +46,7 @@ from runbook.decisions.intent import (
     Intent,
     describe_step,
     judge,
+    leases_to_free,
     pre_restore_age,
     pre_restore_to_drop,
     secret_repair,
@@ -72,7 +76,7 @@ from tasks.kubernetes import (
     set_deployment_env,
     wait_for_rollout,
 )
-from tasks.locks import exclusive
+from tasks.locks import exclusive, free_lease, list_lease_records
 from tasks.notify import announce
 from tasks.postgres import allow_connections, drop_database, read_database_sizes
 from tasks.postgres_roles import alter_role_password
@@ -116,28 +120,39 @@ def reconcile() -> dict[str, Any]:
         with exclusive("reconcile", wait_seconds=LOCK_WAIT_SECONDS):
             # 2. Read the recorded intents and the state of each one's run.
             intents, unreadable = list_intents()
-            states = read_run_states([i.run_id for i in intents])
+            leases = list_lease_records()
+            runs = {i.run_id for i in intents} | {lease.run_id for lease in leases}
+            states = read_run_states(sorted(runs))
             # 3. A run shown alive whose heartbeats stopped lost its node: mark it Crashed.
             crashed = _crash_silent_runs(states)
             # 4. Judge: a dead run's intent, unless a live run now owns its targets.
             judgement = judge(intents, states)
             # 5. Put each dead run's targets back, step by step; clear what is done.
             repairs = [_repair(intent) for intent in judgement.to_reconcile]
+            # 6. Free the locks dead runs still hold, once their targets are back: the
+            #    next run of a target need not wait for the lease to expire.
+            unfinished = {r.intent.run_id for r in repairs if r.kept}
+            unfinished |= {v.intent.run_id for v in judgement.left}
+            to_free, _ = leases_to_free(leases, states, unfinished)
+            for lease in to_free:
+                free_lease(lease)
     except TimeoutError:
         logger.info("another reconcile holds the lock; nothing to do")
         return {"skipped": "another reconcile is running"}
 
-    # 6. List the previous databases restores kept (age, size).
+    # 7. List the previous databases restores kept (age, size).
     kept_databases = _pre_restore_databases()
 
-    # 7. Report: an artifact always, chat when something changed or needs a person.
-    _publish(repairs, judgement.left, unreadable, kept_databases, crashed)
+    # 8. Report: an artifact always, chat when something changed or needs a person.
+    freed = sorted(f"{lease.target} (run {lease.run_id})" for lease in to_free)
+    _publish(repairs, judgement.left, unreadable, kept_databases, crashed, freed)
     return {
         "reconciled": [r.intent.run_id for r in repairs if not r.kept],
         "changed": {r.intent.run_id: r.done for r in repairs if r.done},
         "left": {v.intent.run_id: v.why for v in judgement.left},
         "problems": {r.intent.run_id: r.problems for r in repairs if r.problems},
         "marked_crashed": crashed,
+        "freed_locks": freed,
     }
 
 
@@ -346,6 +361,7 @@ def _publish(
     unreadable: list[str],
     kept: list[dict[str, Any]],
     crashed: Mapping[str, str],
+    freed: list[str],
 ) -> None:
     changed = [r for r in repairs if r.done]
     headline = (
@@ -354,6 +370,8 @@ def _publish(
     )
     if crashed:
         headline += f"; {len(crashed)} silent run(s) marked Crashed"
+    if freed:
+        headline += f"; {len(freed)} lock(s) of dead runs freed"
     rows = [
         {
             "run": r.intent.run_id,
@@ -379,6 +397,8 @@ def _publish(
         markdown_table([{"run": run_id, "why": why} for run_id, why in crashed.items()])
         if crashed
         else "_none_",
+        "### Locks of dead runs freed",
+        "\n".join(f"- {lock}" for lock in freed) or "_none_",
         "### Previous databases kept by restores",
         markdown_table(kept) if kept else "_none_",
     ]
@@ -386,8 +406,9 @@ def _publish(
         sections += ["### Unreadable intents", "\n".join(f"- {u}" for u in unreadable)]
     create_markdown_artifact(key="reconcile", markdown="\n\n".join(sections), description=headline)
     get_run_logger().info(headline)
-    if changed or crashed or any(r.problems for r in repairs):
+    if changed or crashed or freed or any(r.problems for r in repairs):
         lines = [f"- run {run_id} marked Crashed: {why}" for run_id, why in crashed.items()]
+        lines += [f"- lock freed: {lock}" for lock in freed]
         lines += [
             f"- {r.intent.runbook} run {r.intent.run_id}: " + "; ".join(r.done + r.problems)
             for r in repairs

@@ -1,6 +1,8 @@
 """A lost node: a runbook run whose process vanished without anyone marking it Crashed
 stays Running; its heartbeats stop. Reconcile marks it Crashed through the API (saying
 why) and puts the platform back; a live run that keeps sending heartbeats is left alone.
+A dead run's locks are free as soon as reconcile has put its targets back; a live run's
+lock stays held.
 
 The runs send heartbeats every 30 s (Prefect's minimum) as served runs do; reconcile
 judges with a 40 s timeout, so a live run's last heartbeat is always younger and a dead
@@ -10,10 +12,12 @@ run's becomes older 40 s after its last one.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 from uuid import UUID
 
 import pytest
+from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.events.schemas.automations import Posture
 from prefect.flow_runs import resume_flow_run
@@ -22,7 +26,8 @@ from deployments.catalog import deployment_triggers, load_catalog
 from flows.reconcile import reconcile
 from runbook.settings import PlatformSettings
 from tasks.intent import read_last_heartbeats
-from tests.helpers import read_flow_run, wait_for_paused_run
+from tasks.locks import exclusive, list_lease_records
+from tests.helpers import read_flow_run, start_in_thread, wait_for_paused_run
 from tests.reconcile_helpers import (
     APPROVE,
     HEARTBEATS,
@@ -73,6 +78,18 @@ def wait_until_silent_for(run_id: UUID, seconds: float) -> None:
         time.sleep(0.5)
 
 
+def lock_taken_at_once(*targets: str) -> bool:
+    """Each target's lock can be taken within a second (a held lease would make us wait
+    for its expiry, minutes away)."""
+    try:
+        for target in targets:
+            with exclusive(target, wait_seconds=1):
+                pass
+    except TimeoutError:
+        return False
+    return True
+
+
 def test_a_run_whose_node_was_lost_is_marked_crashed_and_put_back(clean, kube):
     recorded = {name: image_of(kube, name) for name in COMPONENTS}
     locks = tuple(f"deployment/{n}" for n in COMPONENTS)
@@ -105,8 +122,63 @@ def test_a_run_whose_node_was_lost_is_marked_crashed_and_put_back(clean, kube):
         assert recorded_intent_of(run_id) is None
         chat = [n.json["text"] for n in clean.receiver.received if n.path.startswith("/slack")]
         assert any(f"run {run_id} marked Crashed" in text for text in chat)
+        # Its locks were freed by that same reconcile: the next deploy need not wait.
+        assert "deployment/backend (run " + str(run_id) + ")" in outcome["freed_locks"]
+        assert lock_taken_at_once(*locks)
+        assert [r for r in list_lease_records.fn() if r.run_id == str(run_id)] == []
     finally:
         free_leaked_locks(*locks)
+
+
+def test_a_sigkilled_runs_lock_is_free_after_one_reconcile(clean, kube):
+    try:
+        run_id = run_until_killed(
+            "flows.scale",
+            "scale",
+            "scale",
+            "scale: scaled",
+            {"deployment": "backend", "replicas": 4},
+        )
+        assert not lock_taken_at_once("deployment/backend")  # the dead run's lease holds it
+
+        outcome = reconciled()
+
+        assert outcome["freed_locks"] == [f"deployment/backend (run {run_id})"]
+        assert lock_taken_at_once("deployment/backend")
+    finally:
+        free_leaked_locks("deployment/backend")
+
+
+HOLDING = threading.Event()
+LET_GO = threading.Event()
+
+
+@flow(name="holds-a-lock")
+def holds_a_lock() -> None:
+    with exclusive("deployment/lock-probe"):
+        HOLDING.set()
+        LET_GO.wait(60)
+
+
+def test_a_live_runs_lock_is_never_freed(clean):
+    HOLDING.clear()
+    LET_GO.clear()
+    run = start_in_thread(holds_a_lock)
+    try:
+        assert HOLDING.wait(60)
+        [held] = [r for r in list_lease_records.fn() if r.target == "deployment/lock-probe"]
+
+        outcome = reconciled()
+
+        assert outcome["freed_locks"] == []
+        assert not lock_taken_at_once("deployment/lock-probe")
+        assert held in list_lease_records.fn()
+    finally:
+        LET_GO.set()
+    assert run.join(60).is_completed()
+    # Released by its run, the record goes with it.
+    assert held not in list_lease_records.fn()
+    assert lock_taken_at_once("deployment/lock-probe")
 
 
 def test_a_live_run_with_fresh_heartbeats_is_left_alone(clean, kube):

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from runbook.decisions.locks import LeaseRecord
+
 INTENT_TAG = "runbook-intent"
 VARIABLE_PREFIX = "runbook-intent-"
 
@@ -195,6 +197,27 @@ def judge(intents: Sequence[Intent], states: Mapping[str, str | None]) -> Judgem
             continue
         verdicts.append(Verdict(intent, True, f"run is {state or 'gone from the server'}"))
     return Judgement(tuple(verdicts))
+
+
+def leases_to_free(
+    leases: Sequence[LeaseRecord], states: Mapping[str, str | None], unfinished: Iterable[str]
+) -> tuple[list[LeaseRecord], list[tuple[LeaseRecord, str]]]:
+    """(to free, to keep and why). A dead run's leases are freed once nothing of it is
+    left to put back (`unfinished`: runs whose intent reconcile kept or left): freed
+    earlier, another run could take the lock and change a target reconcile is still
+    putting back. A live run's leases are its own, never touched."""
+    unfinished = set(unfinished)
+    free: list[LeaseRecord] = []
+    keep: list[tuple[LeaseRecord, str]] = []
+    for lease in leases:
+        state = states.get(lease.run_id)
+        if not run_is_dead(state):
+            keep.append((lease, f"run is {state}: it holds its lock"))
+        elif lease.run_id in unfinished:
+            keep.append((lease, "its intent is not put back yet; the lease expires by itself"))
+        else:
+            free.append(lease)
+    return free, keep
 
 
 # --- the steps' decisions -------------------------------------------------------------------
