@@ -52,11 +52,17 @@ from runbook.decisions.intent import (
     secret_repair,
     silent_run,
 )
-from runbook.decisions.maintenance import WINDOW_ANNOTATION, open_window_of
+from runbook.decisions.maintenance import (
+    WINDOW_ANNOTATION,
+    interrupted_window_update,
+    open_window_of,
+    silences_of_run,
+)
 from runbook.decisions.migrations import MAINTENANCE_VARIABLE, job_outcome, maintenance_mode_of
 from runbook.decisions.release import choose_rollback
 from runbook.report import markdown_table
 from runbook.settings import load_settings
+from tasks.alertmanager import expire_silence, list_silences
 from tasks.approval import Plan, request_approval
 from tasks.intent import (
     delete_intent,
@@ -77,7 +83,7 @@ from tasks.kubernetes import (
     wait_for_rollout,
 )
 from tasks.locks import exclusive, free_lease, list_lease_records
-from tasks.notify import announce
+from tasks.notify import announce, update_status_page
 from tasks.postgres import allow_connections, drop_database, read_database_sizes
 from tasks.postgres_roles import alter_role_password
 from tasks.s3 import abort_multipart_upload, list_multipart_uploads
@@ -281,6 +287,22 @@ def _secret_stages(intent: Intent, step: Mapping[str, Any]) -> bool:
     return repair.move_current_back or repair.remove_pending
 
 
+def _status_page_resolved(intent: Intent, step: Mapping[str, Any]) -> bool | str:
+    # The run died with the status page saying "scheduled": tell users the window ended.
+    if not update_status_page("resolved", interrupted_window_update(step["reason"])):
+        return "no status page configured"
+    return True
+
+
+def _expire_silences(intent: Intent, step: Mapping[str, Any]) -> bool:
+    # Found by the run id their comment carries: the run may have died before it could
+    # record the silence's id.
+    silence_ids = silences_of_run(list_silences(), step["run_id"])
+    for silence_id in silence_ids:
+        expire_silence(silence_id)
+    return bool(silence_ids)
+
+
 def _note(intent: Intent, step: Mapping[str, Any]) -> str:
     return f"{step.get('text', 'nothing to put back')}"
 
@@ -294,6 +316,8 @@ STEPS: dict[str, Callable[[Intent, Mapping[str, Any]], bool | str]] = {
     "abort-upload": _abort_upload,
     "report-job": _report_job,
     "secret-stages": _secret_stages,
+    "status-page-resolved": _status_page_resolved,
+    "expire-silences": _expire_silences,
     "note": _note,
 }
 

@@ -116,9 +116,10 @@ def clear_all_intents() -> None:
 
 
 def free_leaked_locks(*targets: str) -> None:
-    """A SIGKILLed run's lock leases expire only after Prefect's lease duration (300 s):
-    free them as an operator would (`prefect gcl update NAME --active-slots 0`), so the
-    rest of the session does not wait for them."""
+    """Cleanup after a test that failed before reconcile freed a dead run's locks (their
+    leases would expire only after Prefect's 300 s): free them as an operator would
+    (`prefect gcl update NAME --active-slots 0`), so the rest of the session does not
+    wait. Tests assert that reconcile freed them; this only keeps a failure local."""
     with get_client(sync_client=True) as prefect_api:
         for target in targets:
             prefect_api.update_global_concurrency_limit(

@@ -35,6 +35,8 @@ UndoKind = Literal[
     "abort-upload",  # abort the multipart uploads of `key` in `bucket`
     "report-job",  # report job `job`; never deleted while it runs
     "secret-stages",  # AWSPENDING `pending` removed; AWSCURRENT back on `previous`
+    "status-page-resolved",  # the status page told the window (`reason`) has ended
+    "expire-silences",  # Alertmanager silences whose comment names run `run_id` expired
     "note",  # a single write that needs no undo: reported only
 ]
 UNDO_KINDS: frozenset[str] = frozenset(UndoKind.__args__)  # type: ignore[attr-defined]
@@ -262,6 +264,10 @@ def describe_step(step: Mapping[str, Any]) -> str:
         return f"multipart uploads of s3://{step['bucket']}/{step['key']} aborted"
     if kind == "report-job":
         return f"job/{step['job']} reported"
+    if kind == "status-page-resolved":
+        return f"status page: maintenance ({step['reason']}) resolved"
+    if kind == "expire-silences":
+        return f"alert silences of run {step['run_id']} expired"
     if kind == "secret-stages":
         return f"{step['secret_id']}: AWSPENDING removed, AWSCURRENT on {step['previous']}"
     return str(step.get("text", kind))
