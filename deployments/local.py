@@ -37,6 +37,10 @@ STATE_DIR = PROJECT_ROOT / ".local"
 
 # Launch latency: the runner checks for new runs every second (Prefect's default is 10 s).
 FAST_RUNNER = {"PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+# Every served run sends a `prefect.flow-run.heartbeat` event this often (Prefect's minimum):
+# a run that stops sending them lost its process or node, and reconcile's Proactive
+# trigger (prefect.yaml) starts reconcile, which marks it Crashed and puts its targets back.
+HEARTBEATS = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
 # Where Alertmanager delivers its webhook (bridge/app.py); the bridge's own default.
 ALERT_BRIDGE_PORT = 9094
 
@@ -49,6 +53,10 @@ def serve_catalog(schedules: bool = True, without_triggers_of: Sequence[str] = (
     alerts and must not start real incidents with them).
     """
     from dataclasses import replace
+
+    # The flow-run processes the runner starts inherit this (an explicit value wins).
+    for name, value in HEARTBEATS.items():
+        os.environ.setdefault(name, value)
 
     from prefect import serve
 

@@ -161,12 +161,12 @@ def maintenance_window(
     )
     leave = Leave(window, backend, container, timer)
     outcome: dict[str, Any] = {}
-    # Recorded outside this process first: if it dies, reconcile switches maintenance off.
-    intent = record_intent(
-        "maintenance-window",
-        [f"deployment/{backend}"],
-        [{"kind": "maintenance-off", "deployment": backend, "container": container}],
-    )
+    # Recorded outside this process first: if it dies, reconcile switches maintenance off
+    # (and, as the window goes on, resolves the status page and expires the silence).
+    undo: list[dict[str, Any]] = [
+        {"kind": "maintenance-off", "deployment": backend, "container": container}
+    ]
+    intent = record_intent("maintenance-window", [f"deployment/{backend}"], undo)
     try:
         # 3. Record the window on the backend Deployment, before anything changes.
         #    Under the lock, the backend must still be as the plan showed (no window opened,
@@ -178,6 +178,8 @@ def maintenance_window(
 
         # 4. Tell users: status page "scheduled".
         with timer.step("status page: scheduled"):
+            undo.append({"kind": "status-page-resolved", "reason": reason})
+            record_intent("maintenance-window", [f"deployment/{backend}"], undo)
             leave.status_page = True
             update_status_page("scheduled", _announcement(window))
         fault_point("maintenance-window: status page scheduled")
@@ -185,6 +187,9 @@ def maintenance_window(
         # 5. Silence the platform's alerts until the deadline (if Alertmanager is configured).
         if settings.alertmanager_url is not None:
             with timer.step("silence alerts"):
+                # Found by the run id in its comment: recorded before its id exists.
+                undo.append({"kind": "expire-silences", "run_id": window.run_id})
+                record_intent("maintenance-window", [f"deployment/{backend}"], undo)
                 body = silence_body(
                     {"namespace": settings.namespace}, window, window.deadline + SILENCE_MARGIN
                 )

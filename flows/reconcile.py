@@ -6,8 +6,15 @@ how to put it back (`tasks.intent`, a Prefect Variable per run). When its proces
 what its undo would have done.
 
 Guarantees:
-- Runs every 2 minutes, and at once when a runbook run ends Crashed or Cancelled (the
-  automation prefect.yaml's `triggers:` create).
+- Runs every 2 minutes, and at once when a runbook run ends Crashed or Cancelled, or
+  stops sending heartbeats (the automations prefect.yaml's `triggers:` create).
+- A run Prefect still shows Running (or Paused, Cancelling) whose last heartbeat is older
+  than `RUNBOOK_HEARTBEAT_TIMEOUT_SECONDS` lost its process or node without anyone
+  seeing it exit: reconcile marks it Crashed through the API, saying why, and then
+  treats it as any dead run. A run that never sent a heartbeat is never guessed dead.
+- A dead run's lock leases (recorded by `tasks.locks` when taken) are freed once its
+  intent is put back, so the next run of its targets starts at once instead of waiting
+  for Prefect's lease expiry (300 s); a live run's leases are never touched.
 - Never touches what a live run owns: an intent is acted on only when its run is in a
   terminal state (Crashed, Cancelled, Failed, Completed) or gone from the server, and no
   live run has recorded an intent on one of the same targets since.
@@ -35,19 +42,35 @@ from pydantic import Field
 from flows.restart import restart_deployments
 from runbook.decisions.deployment import deployment_view, main_container
 from runbook.decisions.intent import (
+    HEARTBEAT_STATES,
     Intent,
     describe_step,
     judge,
+    leases_to_free,
     pre_restore_age,
     pre_restore_to_drop,
     secret_repair,
+    silent_run,
 )
-from runbook.decisions.maintenance import WINDOW_ANNOTATION, open_window_of
+from runbook.decisions.maintenance import (
+    WINDOW_ANNOTATION,
+    interrupted_window_update,
+    open_window_of,
+    silences_of_run,
+)
 from runbook.decisions.migrations import MAINTENANCE_VARIABLE, job_outcome, maintenance_mode_of
 from runbook.decisions.release import choose_rollback
 from runbook.report import markdown_table
+from runbook.settings import load_settings
+from tasks.alertmanager import expire_silence, list_silences
 from tasks.approval import Plan, RequestedBy, request_approval
-from tasks.intent import delete_intent, list_intents, read_run_states
+from tasks.intent import (
+    delete_intent,
+    list_intents,
+    mark_crashed,
+    read_last_heartbeats,
+    read_run_states,
+)
 from tasks.kubernetes import (
     annotate_deployment,
     list_deployment_revisions,
@@ -59,8 +82,8 @@ from tasks.kubernetes import (
     set_deployment_env,
     wait_for_rollout,
 )
-from tasks.locks import exclusive
-from tasks.notify import announce
+from tasks.locks import exclusive, free_lease, list_lease_records
+from tasks.notify import announce, update_status_page
 from tasks.postgres import allow_connections, drop_database, read_database_sizes
 from tasks.postgres_roles import alter_role_password
 from tasks.s3 import abort_multipart_upload, list_multipart_uploads
@@ -103,26 +126,58 @@ def reconcile() -> dict[str, Any]:
         with exclusive("reconcile", wait_seconds=LOCK_WAIT_SECONDS):
             # 2. Read the recorded intents and the state of each one's run.
             intents, unreadable = list_intents()
-            states = read_run_states([i.run_id for i in intents])
-            # 3. Judge: a dead run's intent, unless a live run now owns its targets.
+            leases = list_lease_records()
+            runs = {i.run_id for i in intents} | {lease.run_id for lease in leases}
+            states = read_run_states(sorted(runs))
+            # 3. A run shown alive whose heartbeats stopped lost its node: mark it Crashed.
+            crashed = _crash_silent_runs(states)
+            # 4. Judge: a dead run's intent, unless a live run now owns its targets.
             judgement = judge(intents, states)
-            # 4. Put each dead run's targets back, step by step; clear what is done.
+            # 5. Put each dead run's targets back, step by step; clear what is done.
             repairs = [_repair(intent) for intent in judgement.to_reconcile]
+            # 6. Free the locks dead runs still hold, once their targets are back: the
+            #    next run of a target need not wait for the lease to expire.
+            unfinished = {r.intent.run_id for r in repairs if r.kept}
+            unfinished |= {v.intent.run_id for v in judgement.left}
+            to_free, _ = leases_to_free(leases, states, unfinished)
+            for lease in to_free:
+                free_lease(lease)
     except TimeoutError:
         logger.info("another reconcile holds the lock; nothing to do")
         return {"skipped": "another reconcile is running"}
 
-    # 5. List the previous databases restores kept (age, size).
+    # 7. List the previous databases restores kept (age, size).
     kept_databases = _pre_restore_databases()
 
-    # 6. Report: an artifact always, chat when something changed or needs a person.
-    _publish(repairs, judgement.left, unreadable, kept_databases)
+    # 8. Report: an artifact always, chat when something changed or needs a person.
+    freed = sorted(f"{lease.target} (run {lease.run_id})" for lease in to_free)
+    _publish(repairs, judgement.left, unreadable, kept_databases, crashed, freed)
     return {
         "reconciled": [r.intent.run_id for r in repairs if not r.kept],
         "changed": {r.intent.run_id: r.done for r in repairs if r.done},
         "left": {v.intent.run_id: v.why for v in judgement.left},
         "problems": {r.intent.run_id: r.problems for r in repairs if r.problems},
+        "marked_crashed": crashed,
+        "freed_locks": freed,
     }
+
+
+def _crash_silent_runs(states: dict[str, str | None]) -> dict[str, str]:
+    """Mark Crashed the runs shown alive whose heartbeats stopped (`states` is updated
+    with what the server answers); run id → why."""
+    watched = [run_id for run_id, state in states.items() if state in HEARTBEAT_STATES]
+    if not watched:
+        return {}
+    timeout = load_settings().heartbeat_timeout_seconds
+    beats = read_last_heartbeats(watched)
+    now = dt.datetime.now(dt.UTC)
+    crashed = {}
+    for run_id in watched:
+        why = silent_run(states[run_id], beats.get(run_id), now, timeout)
+        if why is not None:
+            states[run_id] = mark_crashed(run_id, why)
+            crashed[run_id] = why
+    return crashed
 
 
 def _repair(intent: Intent) -> Repair:
@@ -232,6 +287,22 @@ def _secret_stages(intent: Intent, step: Mapping[str, Any]) -> bool:
     return repair.move_current_back or repair.remove_pending
 
 
+def _status_page_resolved(intent: Intent, step: Mapping[str, Any]) -> bool | str:
+    # The run died with the status page saying "scheduled": tell users the window ended.
+    if not update_status_page("resolved", interrupted_window_update(step["reason"])):
+        return "no status page configured"
+    return True
+
+
+def _expire_silences(intent: Intent, step: Mapping[str, Any]) -> bool:
+    # Found by the run id their comment carries: the run may have died before it could
+    # record the silence's id.
+    silence_ids = silences_of_run(list_silences(), step["run_id"])
+    for silence_id in silence_ids:
+        expire_silence(silence_id)
+    return bool(silence_ids)
+
+
 def _note(intent: Intent, step: Mapping[str, Any]) -> str:
     return f"{step.get('text', 'nothing to put back')}"
 
@@ -245,6 +316,8 @@ STEPS: dict[str, Callable[[Intent, Mapping[str, Any]], bool | str]] = {
     "abort-upload": _abort_upload,
     "report-job": _report_job,
     "secret-stages": _secret_stages,
+    "status-page-resolved": _status_page_resolved,
+    "expire-silences": _expire_silences,
     "note": _note,
 }
 
@@ -309,13 +382,22 @@ def drop_pre_restore_databases(
 
 
 def _publish(
-    repairs: list[Repair], left: list[Any], unreadable: list[str], kept: list[dict[str, Any]]
+    repairs: list[Repair],
+    left: list[Any],
+    unreadable: list[str],
+    kept: list[dict[str, Any]],
+    crashed: Mapping[str, str],
+    freed: list[str],
 ) -> None:
     changed = [r for r in repairs if r.done]
     headline = (
         f"Reconcile: {len(changed)} dead run(s) put back, {len(repairs) - len(changed)} "
         f"already as recorded, {len(left)} left to live runs"
     )
+    if crashed:
+        headline += f"; {len(crashed)} silent run(s) marked Crashed"
+    if freed:
+        headline += f"; {len(freed)} lock(s) of dead runs freed"
     rows = [
         {
             "run": r.intent.run_id,
@@ -337,6 +419,12 @@ def _publish(
         )
         if left
         else "_none_",
+        "### Marked Crashed (heartbeats stopped)",
+        markdown_table([{"run": run_id, "why": why} for run_id, why in crashed.items()])
+        if crashed
+        else "_none_",
+        "### Locks of dead runs freed",
+        "\n".join(f"- {lock}" for lock in freed) or "_none_",
         "### Previous databases kept by restores",
         markdown_table(kept) if kept else "_none_",
     ]
@@ -344,8 +432,10 @@ def _publish(
         sections += ["### Unreadable intents", "\n".join(f"- {u}" for u in unreadable)]
     create_markdown_artifact(key="reconcile", markdown="\n\n".join(sections), description=headline)
     get_run_logger().info(headline)
-    if changed or any(r.problems for r in repairs):
-        lines = [
+    if changed or crashed or freed or any(r.problems for r in repairs):
+        lines = [f"- run {run_id} marked Crashed: {why}" for run_id, why in crashed.items()]
+        lines += [f"- lock freed: {lock}" for lock in freed]
+        lines += [
             f"- {r.intent.runbook} run {r.intent.run_id}: " + "; ".join(r.done + r.problems)
             for r in repairs
             if r.done or r.problems

@@ -238,6 +238,18 @@ class PlatformSettings(BaseSettings):
         "(queue + \\x06\\x16 + 3/6/9) are counted too.",
     )
 
+    # --- Crash recovery (reconcile) -----------------------------------------------------
+    heartbeat_timeout_seconds: int = Field(
+        90,
+        ge=31,
+        le=3600,
+        description="A run Prefect shows Running, Paused or Cancelling whose last heartbeat "
+        "is older than this is dead (its process or node is gone): reconcile marks it "
+        "Crashed and puts back what it recorded. At least PREFECT_FLOWS_HEARTBEAT_FREQUENCY "
+        "(30 s, Prefect's minimum) plus a margin, and at most the `within` of the "
+        "reconcile's heartbeat trigger in prefect.yaml.",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _environment_is_explicit(cls, values: Any) -> Any:

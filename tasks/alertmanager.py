@@ -52,3 +52,10 @@ def expire_silence(silence_id: str) -> bool:
             return False
         raise
     return True
+
+
+@task(**TRANSIENT_RETRIES)
+def list_silences() -> list[dict[str, Any]]:
+    """`amtool silence query`: every silence Alertmanager knows (active, pending, expired)."""
+    silences: list[dict[str, Any]] = _call("GET", "/api/v2/silences").json()
+    return silences

@@ -25,8 +25,16 @@ from uuid import UUID
 from prefect import task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import VariableCreate
+from prefect.events.filters import (
+    EventFilter,
+    EventNameFilter,
+    EventOccurredFilter,
+    EventOrder,
+    EventResourceFilter,
+)
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import flow_run
+from prefect.states import Crashed
 
 from runbook.decisions.intent import (
     INTENT_TAG,
@@ -117,3 +125,40 @@ def read_run_states(run_ids: Sequence[str]) -> dict[str, str | None]:
                 continue
             states[run_id] = run.state.type.value if run.state else None
     return states
+
+
+HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
+# How far back a heartbeat is looked for: Prefect's default event retention (7 days).
+HEARTBEAT_LOOKBACK = dt.timedelta(days=7)
+
+
+@task(task_run_name="read the last heartbeat of the live runs")
+def read_last_heartbeats(run_ids: Sequence[str]) -> dict[str, dt.datetime | None]:
+    """Run id → when its last `prefect.flow-run.heartbeat` event occurred; None if it
+    never sent one (heartbeats off, or none stored yet)."""
+    now = dt.datetime.now(dt.UTC)
+    beats: dict[str, dt.datetime | None] = {}
+    with get_client(sync_client=True) as prefect_api:
+        for run_id in run_ids:
+            page = prefect_api.read_events(
+                EventFilter(
+                    occurred=EventOccurredFilter(since=now - HEARTBEAT_LOOKBACK, until=now),
+                    event=EventNameFilter(name=[HEARTBEAT_EVENT]),
+                    resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}"]),
+                    order=EventOrder.DESC,
+                ),
+                limit=1,
+            )
+            beats[run_id] = page.events[0].occurred if page.events else None
+    return beats
+
+
+@task(task_run_name="mark run {run_id} Crashed")
+def mark_crashed(run_id: str, message: str) -> str | None:
+    """Set the run Crashed through the API, saying why; returns its state type after.
+    Not forced: a run that reached a final state meanwhile keeps it (the server refuses
+    to leave a terminal state), and reconcile goes by what the server answers."""
+    with get_client(sync_client=True) as prefect_api:
+        prefect_api.set_flow_run_state(UUID(run_id), Crashed(message=message))
+        run = prefect_api.read_flow_run(UUID(run_id))
+    return run.state.type.value if run.state else None

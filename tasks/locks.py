@@ -15,6 +15,10 @@ held through a lease that cannot leak or lie.
   renewing is retried until the lease would have expired.
 - The lease names its holder (the flow run) and its id is logged: an operator can free a
   lock whose holder is gone with `POST /api/v2/concurrency_limits/decrement-with-lease`.
+- Each held lease is also recorded outside the process (a Prefect Variable
+  `runbook-lease-<lease id>`: run, target), deleted on release. A SIGKILLed run leaves its
+  records, and `reconcile` frees the locks of runs it judged dead once their undo is
+  done (`free_lease`), instead of every later run waiting for the lease to expire.
 - Leases live in the Prefect server's lease storage: memory by default (a server restart
   forgets them while the slot stays taken), the Redis one of `prefect-redis` in
   production (README, Production).
@@ -31,8 +35,9 @@ from dataclasses import dataclass, field
 from uuid import UUID
 
 import httpx
+from prefect import task
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, VariableCreate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 
 # Prefect's own acquisition (waits on 423 with Retry-After, honours the timeout, registers
@@ -45,9 +50,15 @@ from prefect.concurrency._sync import (
 from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-from runbook.decisions.locks import lock_problem
+from runbook.decisions.locks import (
+    LEASE_TAG,
+    LEASE_VARIABLE_PREFIX,
+    LeaseRecord,
+    lock_problem,
+    parse_lease_record,
+)
 from tasks.logs import run_logger
-from tasks.retry_policy import call_with_retries, is_transient
+from tasks.retry_policy import TRANSIENT_RETRIES, call_with_retries, is_transient
 
 # The server keeps a lease this long without a renewal; its repossessor then frees the slot.
 LEASE_SECONDS = 300.0
@@ -181,6 +192,69 @@ def _release(lease: _Lease) -> None:
             LEASE_SECONDS,
             exc,
         )
+        return
+    _forget_lease(str(lease.lease_id))
+
+
+def _record_lease(lease: _Lease, holder: ConcurrencyLeaseHolder | None) -> None:
+    """Record who holds the lease, for reconcile. Best effort: without the record the
+    lock still holds; only a crash would then wait for the lease's expiry."""
+    if holder is None:
+        return
+    record = LeaseRecord(str(lease.lease_id), str(holder.id), lease.target)
+
+    def create() -> None:
+        with get_client(sync_client=True) as prefect_api:
+            prefect_api.create_variable(
+                VariableCreate(name=record.variable, value=record.value(), tags=[LEASE_TAG])
+            )
+
+    try:
+        call_with_retries(f"record lease {record.variable}", create)
+    except Exception as exc:
+        run_logger().warning(
+            "could not record lease %s of lock %s (a crash would leave it to expire): %s",
+            lease.lease_id,
+            lease.name,
+            exc,
+        )
+
+
+def _forget_lease(lease_id: str) -> None:
+    """Delete the lease's record; gone already is done. Best effort: a record left behind
+    is cleared by reconcile once its run has ended (freeing a released lease is a no-op)."""
+    name = LEASE_VARIABLE_PREFIX + lease_id.lower()
+    try:
+        with get_client(sync_client=True) as prefect_api, suppress(ObjectNotFound):
+            prefect_api.delete_variable_by_name(name)
+    except Exception as exc:
+        run_logger().warning("could not delete lease record %s: %s", name, exc)
+
+
+@task(task_run_name="list recorded lock leases")
+def list_lease_records() -> list[LeaseRecord]:
+    """Every lease a run recorded and has not released."""
+    with get_client(sync_client=True) as prefect_api:
+        response = prefect_api.request(
+            "POST",
+            "/variables/filter",
+            json={"variables": {"name": {"like_": LEASE_VARIABLE_PREFIX}}, "limit": 200},
+        )
+    records = []
+    for variable in response.json():
+        if str(variable["name"]).startswith(LEASE_VARIABLE_PREFIX):
+            record = parse_lease_record(variable["value"])
+            if record is not None:
+                records.append(record)
+    return records
+
+
+@task(task_run_name="free lease of {record.target}", **TRANSIENT_RETRIES)
+def free_lease(record: LeaseRecord) -> None:
+    """`POST /api/v2/concurrency_limits/decrement-with-lease`: free the lock a dead run
+    holds, then delete the record. A lease already expired or released is a no-op."""
+    release_concurrency_slots_with_lease(UUID(record.lease_id))
+    _forget_lease(record.lease_id)
 
 
 @contextmanager
@@ -188,16 +262,18 @@ def _hold(target: str, wait_seconds: float) -> Iterator[_Lease]:
     name = lock_name(target)
     _ensure_limit(name)
     run_logger().info("Taking lock %s", name)
+    holder = _holder()
     granted = acquire_concurrency_slots_with_lease(
         [name],
         1,
         timeout_seconds=wait_seconds,
         lease_duration=LEASE_SECONDS,
         strict=True,
-        holder=_holder(),
+        holder=holder,
     )
     lease = _Lease(target, name, granted.lease_id)
     try:
+        _record_lease(lease, holder)
         problem = _limit_problem(name)
         if problem:
             raise LockUnsafe(f"refusing to change {target} unprotected: {problem}")

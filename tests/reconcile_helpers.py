@@ -42,6 +42,19 @@ from tests.helpers import wait_for_paused_run
 APPROVE = {"approve": True, "approver": "ada", "reason": "CHG-404"}
 
 
+# What a served or worker-run flow run gets (deployments/local.py, the job template).
+HEARTBEATS = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+
+
+def start_in_process(
+    module: str, flow: str, parameters: dict[str, Any], **env: str
+) -> subprocess.Popen[bytes]:
+    """`module.flow(**parameters)` in a process of its own, against the test's server."""
+    code = f"from {module} import {flow}; {flow}(**{parameters!r})"
+    environment = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), **env}
+    return subprocess.Popen([sys.executable, "-c", code], env=environment, cwd=PROJECT_ROOT)
+
+
 def run_until_killed(
     module: str,
     flow: str,
@@ -49,12 +62,14 @@ def run_until_killed(
     kill_at: str,
     parameters: dict[str, Any],
     approve: tuple[str, ...] = (),
+    crashed: bool = True,
+    **env: str,
 ) -> UUID:
     """Run `module.flow(**parameters)` in a process that dies at `kill_at`; approve the
-    runs named in `approve` on the way. Returns the dead run's id, now Crashed."""
-    code = f"from {module} import {flow}; {flow}(**{parameters!r})"
-    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), KILL_AT_VARIABLE: kill_at}
-    process = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=PROJECT_ROOT)
+    runs named in `approve` on the way. Returns the dead run's id, then Crashed as its
+    runner would mark it — or, with `crashed=False`, left Running as after a lost node
+    (no runner saw the process exit)."""
+    process = start_in_process(module, flow, parameters, **{KILL_AT_VARIABLE: kill_at, **env})
     try:
         for name in approve:
             resume_flow_run(wait_for_paused_run(name, timeout=120).id, run_input=APPROVE)
@@ -64,10 +79,11 @@ def run_until_killed(
             process.kill()
     assert code_ == -signal.SIGKILL, f"{flow} exited {code_}, not killed at {kill_at!r}"
     run_id = newest_running(flow_name)
-    with get_client(sync_client=True) as prefect_api:
-        prefect_api.set_flow_run_state(
-            run_id, Crashed(message="Flow run process exited with status code: -9"), force=True
-        )
+    if crashed:
+        with get_client(sync_client=True) as prefect_api:
+            prefect_api.set_flow_run_state(
+                run_id, Crashed(message="Flow run process exited with status code: -9"), force=True
+            )
     return run_id
 
 
@@ -100,9 +116,10 @@ def clear_all_intents() -> None:
 
 
 def free_leaked_locks(*targets: str) -> None:
-    """A SIGKILLed run's lock leases expire only after Prefect's lease duration (300 s):
-    free them as an operator would (`prefect gcl update NAME --active-slots 0`), so the
-    rest of the session does not wait for them."""
+    """Cleanup after a test that failed before reconcile freed a dead run's locks (their
+    leases would expire only after Prefect's 300 s): free them as an operator would
+    (`prefect gcl update NAME --active-slots 0`), so the rest of the session does not
+    wait. Tests assert that reconcile freed them; this only keeps a failure local."""
     with get_client(sync_client=True) as prefect_api:
         for target in targets:
             prefect_api.update_global_concurrency_limit(

@@ -9,9 +9,10 @@ runbook's own undo must put things back, without reconcile.
 Either way the same invariants are then read from the real systems: replicas as recorded,
 images as recorded, maintenance mode off, no scratch database, no open multipart upload,
 each AWS secret with one AWSCURRENT (the recorded one unless the run completed) and no
-AWSPENDING, the live database accepting connections with its rows, and the run's locks
-free. A SIGKILLed run's lock leases are not freed by anyone before Prefect's lease
-expires (300 s): the table says so, and the test frees them as an operator would.
+AWSPENDING, the live database accepting connections with its rows, the status page not
+left saying "scheduled", no silence of the run's window still active, and the run's locks
+free — for a SIGKILLed run, freed by that one reconcile (it frees a dead run's recorded
+leases once its targets are back), not by Prefect's lease expiry 300 s later.
 
 Each cell lands in `FAULT_MATRIX` (runbook, step, signal → held/not); tests/conftest.py
 writes it to `.local/fault-matrix.md` and prints it at the end of the session.
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
+import httpx
 import psycopg
 import pytest
 from prefect.client.orchestration import get_client
@@ -39,7 +41,7 @@ from prefect.settings import PREFECT_API_URL
 from deployments.catalog import PROJECT_ROOT
 from flows.backup import backup
 from flows.reconcile import reconcile
-from runbook.decisions.maintenance import WINDOW_ANNOTATION
+from runbook.decisions.maintenance import WINDOW_ANNOTATION, silences_of_run
 from runbook.fault_points import TERM_AT_VARIABLE
 from sandbox.platform import API_KEY_SECRET_ID, APP_ROLE, DATABASE_PASSWORD_SECRET_ID
 from tasks.locks import lock_name
@@ -254,7 +256,23 @@ def _baseline(platform: Any, kube: Any) -> Baseline:
     )
 
 
-def _invariants(platform: Any, kube: Any, case: Case, before: Baseline) -> dict[str, bool]:
+def _status_page(platform: Any) -> list[str]:
+    """The statuses posted to the status page during this cell, oldest first."""
+    return [
+        n.json["incident"]["status"]
+        for n in platform.receiver.received
+        if n.path.startswith("/statuspage") and n.json
+    ]
+
+
+def _active_silences_of(platform: Any, run_id: UUID) -> list[str]:
+    url = platform.env["RUNBOOK_ALERTMANAGER_URL"].rstrip("/") + "/api/v2/silences"
+    return silences_of_run(httpx.get(url, timeout=10).raise_for_status().json(), str(run_id))
+
+
+def _invariants(
+    platform: Any, kube: Any, case: Case, before: Baseline, run_id: UUID
+) -> dict[str, bool]:
     """Each invariant, read from the real systems: name → held."""
     for name in COMPONENTS:
         wait_settled(kube, name, timeout=30)
@@ -274,6 +292,8 @@ def _invariants(platform: Any, kube: Any, case: Case, before: Baseline) -> dict[
         ),
         "app role logs in with AWSCURRENT": _app_role_logs_in(platform),
         "live database accepts connections with its rows": _users(platform) == before.users,
+        "status page not left scheduled": _status_page(platform)[-1:] in ([], ["resolved"]),
+        "no active silence of the window": _active_silences_of(platform, run_id) == [],
     }
 
 
@@ -309,21 +329,22 @@ def test_sigkill_then_reconcile(clean: Any, kube: Any, case: Case) -> None:
         assert backup(return_state=True).is_completed()
     before = _baseline(platform, kube)
     try:
-        run_until_killed(
+        run_id = run_until_killed(
             case.module, case.flow, case.runbook, case.step, case.parameters, case.approve
         )
         state = reconcile(return_state=True)
         assert state.is_completed(), state.message
+        freed = state.result()["freed_locks"]
+        # Read at once: reconcile freed them, nobody waited for the leases to expire.
         leaked = _held_locks(case.locks)
-        free_leaked_locks(*case.locks)  # as an operator would; else they expire in 300 s
-        held = _invariants(platform, kube, case, before)
-        held["locks free"] = _held_locks(case.locks) == []
+        held = _invariants(platform, kube, case, before, run_id)
+        held["locks free"] = leaked == []
     finally:
-        free_leaked_locks(*case.locks)
+        free_leaked_locks(*case.locks)  # only after a cell that did not hold
     note = (
-        f"lease of {', '.join(leaked)} still held after reconcile (freed by hand)"
+        f"lease of {', '.join(leaked)} still held after reconcile"
         if leaked
-        else "locks were free"
+        else f"reconcile freed {len(freed)} lock(s)"
     )
     _record(case, "SIGKILL + reconcile", held, note)
 
@@ -372,7 +393,7 @@ def test_sigterm_runs_the_runbooks_own_undo(clean: Any, kube: Any, case: Case) -
         run_id, exit_code, final = run_until_terminated(case)
         assert exit_code != 0, f"{case.step}: the run finished, SIGTERM never arrived"
         assert final not in (StateType.RUNNING, StateType.COMPLETED, StateType.PAUSED), final
-        held = _invariants(platform, kube, case, before)
+        held = _invariants(platform, kube, case, before, run_id)
         held["locks free"] = _held_locks(case.locks) == []
     finally:
         free_leaked_locks(*case.locks)

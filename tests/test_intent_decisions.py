@@ -9,14 +9,17 @@ import pytest
 from runbook.decisions.intent import (
     BadIntent,
     judge,
+    leases_to_free,
     new_intent,
     parse_intent,
     pre_restore_age,
     pre_restore_to_drop,
     run_is_dead,
     secret_repair,
+    silent_run,
     variable_name,
 )
+from runbook.decisions.locks import LeaseRecord, parse_lease_record
 
 NOW = dt.datetime(2026, 11, 20, 12, 0, tzinfo=dt.UTC)
 SCALE_BACK = {"kind": "scale", "deployment": "backend", "replicas": 3}
@@ -83,6 +86,58 @@ def test_a_dead_runs_targets_now_owned_by_a_live_run_are_left_to_it():
     judgement = judge([dead, newer], {"dead": "CRASHED", "newer": "RUNNING"})
     assert judgement.to_reconcile == []
     assert "live run newer now owns database/complianceagent" in judgement.left[0].why
+
+
+@pytest.mark.parametrize("state", ["RUNNING", "PAUSED", "CANCELLING"])
+def test_a_live_looking_run_silent_past_the_timeout_is_dead_and_says_why(state):
+    why = silent_run(state, NOW - dt.timedelta(seconds=91), NOW, 90)
+    assert why is not None
+    assert "no heartbeat for 91 s (limit 90 s)" in why and state.title() in why
+
+
+def test_a_run_with_a_fresh_heartbeat_is_alive():
+    assert silent_run("RUNNING", NOW - dt.timedelta(seconds=89), NOW, 90) is None
+    assert silent_run("RUNNING", NOW, NOW, 90) is None
+
+
+def test_a_run_that_never_sent_a_heartbeat_is_never_guessed_dead():
+    assert silent_run("RUNNING", None, NOW, 90) is None
+
+
+@pytest.mark.parametrize("state", ["SCHEDULED", "PENDING", "COMPLETED", "CRASHED", None])
+def test_silence_is_judged_only_where_a_process_sends_heartbeats(state):
+    # No process yet (Scheduled, Pending), or already final: not silent_run's business.
+    assert silent_run(state, NOW - dt.timedelta(hours=5), NOW, 90) is None
+
+
+def lease(run_id: str, target: str = "deployment/backend") -> LeaseRecord:
+    return LeaseRecord(f"lease-of-{run_id}", run_id, target)
+
+
+def test_a_dead_runs_leases_are_freed_and_a_live_runs_never():
+    leases = [lease("crashed"), lease("gone"), lease("running"), lease("paused")]
+    states = {"crashed": "CRASHED", "gone": None, "running": "RUNNING", "paused": "PAUSED"}
+    free, keep = leases_to_free(leases, states, unfinished=())
+    assert [r.run_id for r in free] == ["crashed", "gone"]
+    assert [(r.run_id, why) for r, why in keep] == [
+        ("running", "run is RUNNING: it holds its lock"),
+        ("paused", "run is PAUSED: it holds its lock"),
+    ]
+
+
+def test_a_dead_runs_leases_wait_until_its_intent_is_put_back():
+    # Freed earlier, another run could take the lock and change what reconcile still
+    # has to put back (a migration Job still running, a step that failed).
+    free, keep = leases_to_free([lease("crashed")], {"crashed": "CRASHED"}, {"crashed"})
+    assert free == [] and "not put back yet" in keep[0][1]
+
+
+def test_a_lease_record_round_trips_and_anything_else_is_ignored():
+    record = LeaseRecord("0b5e", "run-1", "database/complianceagent")
+    assert parse_lease_record(record.value()) == record
+    assert record.variable == "runbook-lease-0b5e"
+    assert parse_lease_record({"lease_id": "0b5e"}) is None
+    assert parse_lease_record("0b5e") is None
 
 
 def test_secret_repair_after_finish_secret_moves_current_back():

@@ -10,6 +10,7 @@ from runbook.decisions.maintenance import (
     in_flight_requests,
     open_window_of,
     silence_body,
+    silences_of_run,
 )
 
 METRICS = """\
@@ -78,3 +79,15 @@ def test_the_status_page_is_resolved_only_when_healthy():
     degraded = closing_update("upgrade", "/health/db failed", "")
     assert degraded.status == "identified" and "degraded: /health/db failed" in degraded.message
     assert "not completed" in closing_update("upgrade", "", "migrations failed").message
+
+
+def test_the_silences_of_a_dead_windows_run_are_found_by_its_comment():
+    comment = "Planned maintenance: {} (flow run {})"
+    silences = [
+        {"id": "a", "comment": comment.format("x", "run-1"), "status": {"state": "active"}},
+        {"id": "b", "comment": comment.format("x", "run-1"), "status": {"state": "pending"}},
+        {"id": "c", "comment": comment.format("x", "run-1"), "status": {"state": "expired"}},
+        {"id": "d", "comment": comment.format("x", "run-10"), "status": {"state": "active"}},
+        {"id": "e", "comment": "someone's own silence", "status": {"state": "active"}},
+    ]
+    assert silences_of_run(silences, "run-1") == ["a", "b"]

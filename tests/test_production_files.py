@@ -215,3 +215,10 @@ def test_credentials_secret_holds_only_credentials():
         ]
     )
     assert keys - {"PREFECT_API_AUTH_STRING"} == _secret_variables()
+
+
+def test_flow_run_jobs_send_heartbeats_so_a_lost_node_is_found():
+    # The worker passes this default env to every flow-run Job: without heartbeats, a run
+    # whose node is lost stays Running and reconcile's heartbeat trigger never fires.
+    env = _template()["variables"]["properties"]["env"]["default"]
+    assert env == {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from runbook.decisions.locks import LeaseRecord
+
 INTENT_TAG = "runbook-intent"
 VARIABLE_PREFIX = "runbook-intent-"
 
@@ -33,6 +35,8 @@ UndoKind = Literal[
     "abort-upload",  # abort the multipart uploads of `key` in `bucket`
     "report-job",  # report job `job`; never deleted while it runs
     "secret-stages",  # AWSPENDING `pending` removed; AWSCURRENT back on `previous`
+    "status-page-resolved",  # the status page told the window (`reason`) has ended
+    "expire-silences",  # Alertmanager silences whose comment names run `run_id` expired
     "note",  # a single write that needs no undo: reported only
 ]
 UNDO_KINDS: frozenset[str] = frozenset(UndoKind.__args__)  # type: ignore[attr-defined]
@@ -110,10 +114,43 @@ def run_is_dead(state_type: str | None) -> bool:
 
     Anything else (Running, Pending, Paused, Cancelling, Scheduled) is alive: its own
     process still owns what it recorded. A run whose process was killed stays Running
-    until Prefect marks it Crashed (its runner sees the process exit; a lost node is
-    caught by the missing heartbeats), and only then is it reconcile's.
+    until Prefect marks it Crashed (its runner sees the process exit), or until
+    `silent_run` finds its heartbeats stopped (a lost node: nobody saw the exit) and
+    reconcile marks it Crashed; only then is it reconcile's.
     """
     return state_type is None or state_type.upper() in TERMINAL_STATES
+
+
+# A run in one of these states has a process that sends heartbeats (a pause for an
+# approval or for manual work waits inside the process). Scheduled and Pending runs have
+# no process yet: their silence means nothing.
+HEARTBEAT_STATES = frozenset({"RUNNING", "PAUSED", "CANCELLING"})
+
+
+def silent_run(
+    state_type: str | None,
+    last_heartbeat: dt.datetime | None,
+    now: dt.datetime,
+    timeout_seconds: float,
+) -> str | None:
+    """Why a run Prefect still shows alive is dead (its heartbeats stopped), or None.
+
+    No heartbeat at all says nothing (heartbeats off for that run, or its first one not
+    stored yet): such a run is left alone, never guessed dead. The answer is the message
+    of the Crashed state reconcile sets.
+    """
+    if state_type is None or state_type.upper() not in HEARTBEAT_STATES:
+        return None
+    if last_heartbeat is None:
+        return None
+    silent = (now - last_heartbeat).total_seconds()
+    if silent < timeout_seconds:
+        return None
+    return (
+        f"no heartbeat for {silent:.0f} s (limit {timeout_seconds:.0f} s) while "
+        f"{state_type.title()}: its process or node is gone. Marked Crashed by reconcile, "
+        "which puts back what the run recorded it was changing"
+    )
 
 
 @dataclass(frozen=True)
@@ -164,6 +201,27 @@ def judge(intents: Sequence[Intent], states: Mapping[str, str | None]) -> Judgem
     return Judgement(tuple(verdicts))
 
 
+def leases_to_free(
+    leases: Sequence[LeaseRecord], states: Mapping[str, str | None], unfinished: Iterable[str]
+) -> tuple[list[LeaseRecord], list[tuple[LeaseRecord, str]]]:
+    """(to free, to keep and why). A dead run's leases are freed once nothing of it is
+    left to put back (`unfinished`: runs whose intent reconcile kept or left): freed
+    earlier, another run could take the lock and change a target reconcile is still
+    putting back. A live run's leases are its own, never touched."""
+    unfinished = set(unfinished)
+    free: list[LeaseRecord] = []
+    keep: list[tuple[LeaseRecord, str]] = []
+    for lease in leases:
+        state = states.get(lease.run_id)
+        if not run_is_dead(state):
+            keep.append((lease, f"run is {state}: it holds its lock"))
+        elif lease.run_id in unfinished:
+            keep.append((lease, "its intent is not put back yet; the lease expires by itself"))
+        else:
+            free.append(lease)
+    return free, keep
+
+
 # --- the steps' decisions -------------------------------------------------------------------
 
 
@@ -206,6 +264,10 @@ def describe_step(step: Mapping[str, Any]) -> str:
         return f"multipart uploads of s3://{step['bucket']}/{step['key']} aborted"
     if kind == "report-job":
         return f"job/{step['job']} reported"
+    if kind == "status-page-resolved":
+        return f"status page: maintenance ({step['reason']}) resolved"
+    if kind == "expire-silences":
+        return f"alert silences of run {step['run_id']} expired"
     if kind == "secret-stages":
         return f"{step['secret_id']}: AWSPENDING removed, AWSCURRENT on {step['previous']}"
     return str(step.get("text", kind))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from runbook.decisions.deployment import deployment_view
@@ -111,3 +112,38 @@ def retention_fingerprint(keep: Iterable[str], delete: Iterable[str]) -> dict[st
         "backups kept": ", ".join(sorted(keep)) or "none",
         "backups deleted": ", ".join(sorted(delete)) or "none",
     }
+
+
+# --- who holds a lease: recorded outside the holder's process -----------------------------
+
+# `runbook-lease-<lease id>`: a Prefect Variable per held lease, written when a run takes a
+# lock and deleted when it releases it. A SIGKILLed run leaves its records behind, so
+# reconcile can free its locks at once instead of waiting for the lease to expire.
+LEASE_VARIABLE_PREFIX = "runbook-lease-"
+LEASE_TAG = "runbook-lease"
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """Run `run_id` holds the lock on `target` through lease `lease_id`."""
+
+    lease_id: str
+    run_id: str
+    target: str
+
+    @property
+    def variable(self) -> str:
+        return LEASE_VARIABLE_PREFIX + self.lease_id.lower()
+
+    def value(self) -> dict[str, str]:
+        return {"lease_id": self.lease_id, "run_id": self.run_id, "target": self.target}
+
+
+def parse_lease_record(value: Any) -> LeaseRecord | None:
+    """A variable's value as a `LeaseRecord`, or None when it is not one."""
+    if not isinstance(value, Mapping):
+        return None
+    try:
+        return LeaseRecord(str(value["lease_id"]), str(value["run_id"]), str(value["target"]))
+    except KeyError:
+        return None

@@ -82,8 +82,35 @@ def silence_body(matchers: dict[str, str], window: Window, ends_at: dt.datetime)
         "startsAt": _rfc3339(window.opened_at),
         "endsAt": _rfc3339(ends_at),
         "createdBy": f"maintenance-window ({window.opened_by})",
-        "comment": f"Planned maintenance: {window.reason} (flow run {window.run_id})",
+        "comment": f"Planned maintenance: {window.reason} ({silence_marker(window.run_id)})",
     }
+
+
+def silence_marker(run_id: str) -> str:
+    """What a window's silence comment says of its run: how reconcile finds the silences
+    of a run that died before it could record their ids."""
+    return f"flow run {run_id}"
+
+
+def silences_of_run(silences: list[JSON], run_id: str) -> list[str]:
+    """Ids of the silences (Alertmanager v2 `GET /silences`) still active or pending that
+    the window of run `run_id` created."""
+    marker = f"({silence_marker(run_id)})"
+    return [
+        str(s["id"])
+        for s in silences
+        if marker in str(s.get("comment", ""))
+        and (s.get("status") or {}).get("state") in ("active", "pending")
+    ]
+
+
+def interrupted_window_update(reason: str) -> str:
+    """What the status page says when reconcile closes a window whose run died."""
+    return (
+        f"Maintenance ({reason}) has ended; its runbook was interrupted and the platform "
+        "was put back by the crash recovery. We are verifying that all systems are "
+        "operational."
+    )
 
 
 @dataclass(frozen=True)
