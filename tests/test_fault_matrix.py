@@ -9,9 +9,13 @@ runbook's own undo must put things back, without reconcile.
 Either way the same invariants are then read from the real systems: replicas as recorded,
 images as recorded, maintenance mode off, no scratch database, no open multipart upload,
 each AWS secret with one AWSCURRENT (the recorded one unless the run completed) and no
-AWSPENDING, the live database accepting connections with its rows, and the run's locks
-free. A SIGKILLed run's lock leases are not freed by anyone before Prefect's lease
-expires (300 s): the table says so, and the test frees them as an operator would.
+AWSPENDING, the live database accepting connections with its rows, no Job running that
+no intent reports, and the run's locks free; plus each case's own `checks` (an HPA as
+asked, a migration Job never deleted and reported, a certificate issued, an upload that
+was open aborted). A case's `prepare` sets the stage (a failing rollout, a blocked
+migration, rows enough for a multipart upload) and puts it back. A SIGKILLed run's lock
+leases are not freed by anyone before Prefect's lease expires (300 s): the table says so,
+and the test frees them as an operator would.
 
 Each cell lands in `FAULT_MATRIX` (runbook, step, signal → held/not); tests/conftest.py
 writes it to `.local/fault-matrix.md` and prints it at the end of the session.
@@ -303,6 +307,15 @@ def _renewed_by_cert_manager(platform: Any, seen: Seen) -> dict[str, bool]:
     return {"renewed: Ready, revision + 1": True, "TLS Secret kept": secret is not None}
 
 
+def _upload_was_open(platform: Any, seen: Seen) -> dict[str, bool]:
+    """Proof the cell is mid-upload: reconcile found the dead run's upload open and
+    aborted it (SIGTERM: the run's own abort did, checked by "no open upload")."""
+    if seen.reconciled is None:
+        return {}
+    done = seen.reconciled["changed"].get(str(seen.run_id), [])
+    return {"reconcile aborted the open upload": any("aborted" in line for line in done)}
+
+
 @contextmanager
 def _ballast(platform: Any) -> Iterator[dict[str, Any]]:
     """~12 MB of incompressible rows: the dump is a multipart upload of two 8 MiB parts
@@ -354,6 +367,7 @@ CASES = [
         {},
         ("database/complianceagent",),
         prepare=_ballast,
+        checks=_upload_was_open,
     ),
     Case("secret-rotation", "secret-rotation: createSecret done", **ROTATE_PASSWORD),
     Case("secret-rotation", "secret-rotation: setSecret done", **ROTATE_PASSWORD),
