@@ -41,6 +41,7 @@ from runbook.decisions.certificates import (
 )
 from runbook.decisions.locks import certificate_fingerprint
 from runbook.decisions.refusal import Refused
+from runbook.fault_points import fault_point
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import K8S_NAME, PlatformSettings, load_settings
 from tasks.approval import Plan, RequestedBy, refuse_if_changed, request_approval
@@ -222,6 +223,7 @@ def cert_renewal(
         with timer.step("cmctl renew (Issuing=True)"):
             message = f"Manually triggered by {decision.approver}: {decision.reason}"
             renew_certificate(certificate, before.revision, message[:500])
+        fault_point("cert-renewal: renewal requested")
 
         try:
             # 5. Wait for cert-manager: Issuing gone, Ready, revision + 1, later notAfter.

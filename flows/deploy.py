@@ -277,6 +277,7 @@ def deploy(
             logger.error("deploy of %s failed, rolling back: %s", version, why)
             with timer.step("roll back to recorded revisions"):
                 undone = roll_back(touched, rollback_cause(version, why), health_timeout_seconds)
+            fault_point("deploy: rolled back")
             summary = failed_deploy_summary(version, why, undone)
             _publish(version, summary, _rows(touched, undone.revisions, restored=True), timer)
             announce(f":rotating_light: {summary}")

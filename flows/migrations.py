@@ -48,6 +48,7 @@ from runbook.decisions.migrations import (
     migration_job_name,
 )
 from runbook.decisions.refusal import Refused
+from runbook.fault_points import fault_point
 from runbook.redaction import redact_output
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import load_settings
@@ -80,12 +81,15 @@ def run_job(body: dict[str, Any], deadline_seconds: int) -> tuple[JobOutcome, st
     logger = get_run_logger()
     create_job(body)
     try:
+        fault_point("migrations: job created")
         outcome = wait_for_job(name, deadline_seconds + WAIT_GRACE_SECONDS)
     except DeadlineExceeded as exc:
         outcome = JobOutcome(finished=False, succeeded=False, detail=f"{exc}; left running")
     except BaseException:
         logger.error("job/%s may still be running: left alone, not deleted", name)
         raise
+    if outcome.finished:
+        fault_point("migrations: job finished")
     try:
         logs = read_job_logs(name)
     except Exception as exc:  # the outcome matters more than the logs

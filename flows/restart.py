@@ -27,6 +27,7 @@ from pydantic import Field
 from flows.deploy import rollout_status, verify_health
 from runbook.decisions.deployment import deployment_view
 from runbook.decisions.release import Component
+from runbook.fault_points import fault_point
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import load_settings
 from tasks.intent import clear_intent, record_intent
@@ -46,7 +47,10 @@ def restart_deployments(names: Sequence[str]) -> dict[str, int]:
     it completes (raises `RolloutFailed` naming the first that does not). Returns the
     revision each Deployment is at afterwards. The caller holds the Deployments' locks.
     """
-    stamped = [deployment_view(restart_deployment(name)) for name in names]
+    stamped = []
+    for name in names:
+        stamped.append(deployment_view(restart_deployment(name)))
+        fault_point(f"restart: restarted {name}")
     return {view.name: rollout_status(view).revision for view in stamped}
 
 

@@ -226,6 +226,7 @@ def _restore_and_swap(
                 plan.scratch,
                 jobs,
             )
+        fault_point("restore: scratch restored")
 
         # 8. Stop the writers, for the last check and the swap only (still our locks?).
         held.ensure_held()
@@ -239,6 +240,8 @@ def _restore_and_swap(
             with timer.step("swap databases"):
                 swap_databases(database, plan.scratch, plan.keep_as)
                 outcome.swapped = True
+            fault_point("restore: swap committed")
+        fault_point("restore: writers back")
 
 
 def _live_fingerprint(

@@ -35,6 +35,7 @@ from runbook.decisions.release import (
     choose_rollback,
     history_rows,
 )
+from runbook.fault_points import fault_point
 from runbook.report import StepTimer, markdown_table
 from runbook.settings import load_settings
 from tasks.approval import Plan, RequestedBy, refuse_if_changed, request_approval
@@ -122,6 +123,7 @@ def rollback(
         intent = record_intent("rollback", [f"deployment/{name}"], [{"kind": "note", "text": note}])
         with timer.step(f"undo to revision {target['revision']} and roll out"):
             restored = deployment_view(restore_pod_template(name, target["template"], cause[:500]))
+            fault_point(f"rollback: rolled back {name}")
             deadline = deployment_view(live).progress_deadline_seconds + ROLLOUT_GRACE_SECONDS
             try:
                 outcome = wait_for_rollout(name, restored.generation, deadline)

@@ -209,6 +209,7 @@ def autoscale(
         if drift:
             intent = record_intent("autoscale", [f"deployment/{name}"], [_AUTOSCALE_NOTE])
             apply_horizontal_pod_autoscaler(desired)
+            fault_point("autoscale: HPA applied")
             clear_intent(intent)
 
     # 5. Report.

@@ -155,10 +155,12 @@ def secret_rotation(
                 with timer.step(f"setSecret (ALTER ROLE {target.role})"):
                     progress.role_changed = True  # before the call: an ambiguous failure too
                     alter_role_password(target.role, _value(target, progress.new))
+                fault_point("secret-rotation: setSecret done")
             # 6. testSecret: a real login with the new password.
             if target.role:
                 with timer.step(f"testSecret (log in as {target.role})"):
                     log_in_as(target.role, _value(target, progress.new))
+                fault_point("secret-rotation: testSecret done")
             # 7. finishSecret: AWSCURRENT to the new version, then AWSPENDING off it.
             held.ensure_held()
             with timer.step("finishSecret (AWSCURRENT moved)"):

@@ -31,4 +31,7 @@ def fault_point(step: str) -> None:
     kill = os.environ.get(KILL_AT_VARIABLE) == step
     how = "SIGKILL" if kill else "SIGTERM"
     logging.getLogger("runbook").warning("fault point %r: %s", step, how)
+    # Once per process: the undo a SIGTERM starts may pass the same boundary again
+    # (secret rotation's undo restarts the pods through the same step).
+    os.environ.pop(KILL_AT_VARIABLE if kill else TERM_AT_VARIABLE, None)
     os.kill(os.getpid(), signal.SIGKILL if kill else signal.SIGTERM)

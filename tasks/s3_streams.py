@@ -23,6 +23,7 @@ import botocore.exceptions
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from prefect import task
 
+from runbook.fault_points import fault_point
 from tasks.aws import aws_call, aws_client, aws_errors
 from tasks.logs import run_logger
 from tasks.retry_policy import TRANSIENT_RETRIES, PlatformCallError, call_with_retries
@@ -113,6 +114,11 @@ def upload_stream(
         # `upload_fileobj`'s own steps, plus one: s3transfer keeps reading a stream after
         # its transfer failed (to its very end: a whole pg_dump), so the reader stops then.
         client = aws_client("s3", botocore_retries=True)
+        # A step boundary inside the upload for the fault matrix (a part stored, the
+        # multipart upload open); a no-op outside its tests. Once per (cached) client.
+        client.meta.events.register(
+            "after-call.s3.UploadPart", _part_uploaded, unique_id="fault-point-part-uploaded"
+        )
         with (
             aws_errors(f"upload {where}"),
             create_transfer_manager(client, _transfer_config()) as transfer,
@@ -129,6 +135,10 @@ def upload_stream(
         abort_open_uploads(bucket, key)
         raise
     return {"size": reader.size, "sha256": reader.sha256}
+
+
+def _part_uploaded(**_: Any) -> None:
+    fault_point("backup: a part uploaded")
 
 
 def abort_open_uploads(bucket: str, key: str) -> None:

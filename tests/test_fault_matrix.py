@@ -9,10 +9,14 @@ runbook's own undo must put things back, without reconcile.
 Either way the same invariants are then read from the real systems: replicas as recorded,
 images as recorded, maintenance mode off, no scratch database, no open multipart upload,
 each AWS secret with one AWSCURRENT (the recorded one unless the run completed) and no
-AWSPENDING, the live database accepting connections with its rows, the status page not
-left saying "scheduled", no silence of the run's window still active, and the run's locks
-free — for a SIGKILLed run, freed by that one reconcile (it frees a dead run's recorded
-leases once its targets are back), not by Prefect's lease expiry 300 s later.
+AWSPENDING, the live database accepting connections with its rows, no Job running that
+no intent reports, the status page not left saying "scheduled", no silence of the run's
+window still active, and the run's locks free — for a SIGKILLed run, freed by that one
+reconcile (it frees a dead run's recorded leases once its targets are back), not by
+Prefect's lease expiry 300 s later; plus each case's own `checks` (an HPA as asked, a
+migration Job never deleted and reported, a certificate issued, an upload that was open
+aborted). A case's `prepare` sets the stage (a failing rollout, a blocked migration, rows
+enough for a multipart upload) and puts it back.
 
 Each cell lands in `FAULT_MATRIX` (runbook, step, signal → held/not); tests/conftest.py
 writes it to `.local/fault-matrix.md` and prints it at the end of the session.
@@ -23,27 +27,39 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
 import httpx
 import psycopg
 import pytest
+from kubernetes import client
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import FlowRunSort
+from prefect.exceptions import ObjectNotFound
 from prefect.flow_runs import resume_flow_run
 from prefect.settings import PREFECT_API_URL
+from psycopg import sql
 
 from deployments.catalog import PROJECT_ROOT
 from flows.backup import backup
 from flows.reconcile import reconcile
 from runbook.decisions.maintenance import WINDOW_ANNOTATION, silences_of_run
 from runbook.fault_points import TERM_AT_VARIABLE
-from sandbox.platform import API_KEY_SECRET_ID, APP_ROLE, DATABASE_PASSWORD_SECRET_ID
+from sandbox.platform import (
+    API_KEY_SECRET_ID,
+    APP_ROLE,
+    DATABASE_PASSWORD_SECRET_ID,
+    TLS_CERTIFICATE,
+    TLS_SECRET,
+)
+from tasks import kubernetes as k8s
+from tasks.intent import list_intents
 from tasks.locks import lock_name
 from tests.backup_helpers import clear_backups, databases, drop_databases_like, query, uploads
 from tests.helpers import wait_for_paused_run
@@ -51,135 +67,368 @@ from tests.reconcile_helpers import (
     APPROVE,
     clear_all_intents,
     free_leaked_locks,
+    recorded_intent_of,
     run_until_killed,
 )
-from tests.release_helpers import image_of, live, wait_settled
+from tests.release_helpers import NS, image_of, live, wait_settled, wait_until
 
 pytestmark = pytest.mark.slow
 
 COMPONENTS = ("backend", "celery-workers", "frontend")
 SECRETS = (API_KEY_SECRET_ID, DATABASE_PASSWORD_SECRET_ID)
 WRITERS = ("backend", "celery-workers")
+PRE_RESTORE = "complianceagent_pre_restore_"
 
 # (runbook, step, signal) → {"held": bool, "note": str}; read by tests/conftest.py.
 FAULT_MATRIX: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+
+FLOWS = {
+    "restore": ("flows.restore", "restore"),
+    "deploy": ("flows.deploy", "deploy"),
+    "rollback": ("flows.rollback", "rollback"),
+    "maintenance-window": ("flows.maintenance_window", "maintenance_window"),
+    "scale": ("flows.scale", "scale"),
+    "autoscale": ("flows.scale", "autoscale"),
+    "migrations": ("flows.migrations", "migrations"),
+    "backup": ("flows.backup", "backup"),
+    "restart": ("flows.restart", "restart"),
+    "cert-renewal": ("flows.certificates", "cert_renewal"),
+    "secret-rotation": ("flows.secret_rotation", "secret_rotation"),
+}
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What a cell's own checks get: the column, the dead run, what reconcile returned
+    (SIGKILL column), and what the case's preparation yielded."""
+
+    column: str
+    run_id: UUID
+    reconciled: dict[str, Any] | None
+    context: dict[str, Any]
 
 
 @dataclass(frozen=True)
 class Case:
     runbook: str
     step: str
-    module: str
-    flow: str
     parameters: dict[str, Any]
     locks: tuple[str, ...]
     approve: tuple[str, ...] = ()
     needs_backup: bool = False
     # What the run leaves on purpose, in the SIGKILL column too (scale's one write).
     replicas: Callable[[Any], dict[str, int]] | None = None
-    notes: dict[str, str] = field(default_factory=dict)
+    # Images the run leaves on purpose (a rollback's one write), from the preparation.
+    images: Callable[[dict[str, Any]], dict[str, str]] | None = None
+    # A restore past its swap: the previous database is kept as `<db>_pre_restore_*`.
+    swapped: bool = False
+    # Sets the stage (and puts it back) around the cell; yields what `checks` needs.
+    prepare: Callable[[Any], AbstractContextManager[dict[str, Any]]] | None = None
+    # The runbook's own invariants, read from the real systems: name → held.
+    checks: Callable[[Any, Seen], dict[str, bool]] | None = None
 
+    @property
+    def module(self) -> str:
+        return FLOWS[self.runbook][0]
 
-def _one_more_backend(platform: Any) -> dict[str, int]:
-    return {"backend": _replicas(platform)["backend"]}
+    @property
+    def flow(self) -> str:
+        return FLOWS[self.runbook][1]
 
 
 RESTORE_LOCKS = ("database/complianceagent", *(f"deployment/{n}" for n in WRITERS))
-WINDOW = {"reason": "fault matrix", "duration_seconds": 600}
+RESTORE: dict[str, Any] = {
+    "parameters": {},
+    "locks": RESTORE_LOCKS,
+    "approve": ("restore",),
+    "needs_backup": True,
+}
+DEPLOY_LOCKS = tuple(f"deployment/{n}" for n in COMPONENTS)
+DEPLOY: dict[str, Any] = {
+    "parameters": {"version": "9.9.9", "components": ("backend", "frontend")},
+    "locks": DEPLOY_LOCKS,
+}
+WINDOW: dict[str, Any] = {
+    "parameters": {"reason": "fault matrix", "duration_seconds": 600},
+    "locks": ("deployment/backend",),
+    "approve": ("maintenance-window",),
+}
+MIGRATE: dict[str, Any] = {"require_maintenance_mode": False}
+FRONTEND_HPA = "frontend-hpa"
+CERT_API = "cert-manager.io/v1"
+ROTATE_LOCKS = tuple(f"deployment/{n}" for n in WRITERS)
+ROTATE_PASSWORD: dict[str, Any] = {
+    "parameters": {"secret": "database-password"},
+    "locks": (f"secret/{DATABASE_PASSWORD_SECRET_ID}", *ROTATE_LOCKS),
+}
+ROTATE_API_KEY: dict[str, Any] = {
+    "parameters": {"secret": "api-key"},
+    "locks": (f"secret/{API_KEY_SECRET_ID}", *ROTATE_LOCKS),
+}
+
+
+@contextmanager
+def _frontend_rollouts_fail(platform: Any) -> Iterator[dict[str, Any]]:
+    """The new frontend never becomes ready: backend and workers roll out, then the
+    deploy rolls all three back (the kube fixture clears the failure afterwards)."""
+    platform.kube.fail_rollouts_for_image("frontend:9.9.7")
+    yield {}
+
+
+@contextmanager
+def _frontend_on_a_new_image(platform: Any) -> Iterator[dict[str, Any]]:
+    """Two revisions to roll back between; rollback brings the frontend's first back."""
+    previous = image_of(platform.kube, "frontend")
+    k8s.set_deployment_image.fn("frontend", "frontend", "complianceagent/frontend:9.0.0")
+    wait_settled(platform.kube, "frontend")
+    yield {"images": {"frontend": previous}}
+
+
+@contextmanager
+def _no_frontend_hpa(platform: Any) -> Iterator[dict[str, Any]]:
+    """No HPA on the frontend, so autoscale writes one; whatever was there comes back."""
+    previous = k8s.read_horizontal_pod_autoscaler.fn(FRONTEND_HPA)
+    if previous is not None:
+        _delete_hpa(platform)
+    try:
+        yield {}
+    finally:
+        if previous is None:
+            _delete_hpa(platform)
+        else:
+            k8s.apply_horizontal_pod_autoscaler.fn(
+                {key: previous[key] for key in ("apiVersion", "kind", "spec")}
+                | {"metadata": {"name": FRONTEND_HPA, "namespace": NS}}
+            )
+
+
+def _delete_hpa(platform: Any) -> None:
+    with (
+        client.ApiClient(client.Configuration(host=platform.kube.url)) as api,
+        suppress(client.ApiException),
+    ):
+        client.AutoscalingV2Api(api).delete_namespaced_horizontal_pod_autoscaler(FRONTEND_HPA, NS)
+
+
+def _hpa_as_asked(platform: Any, seen: Seen) -> dict[str, bool]:
+    spec = (k8s.read_horizontal_pod_autoscaler.fn(FRONTEND_HPA) or {}).get("spec") or {}
+    return {
+        "HPA as asked (one write, kept)": (spec.get("minReplicas"), spec.get("maxReplicas"))
+        == (3, 9)
+    }
+
+
+@contextmanager
+def _migration_blocked(platform: Any) -> Iterator[dict[str, Any]]:
+    """The migration waits for a table lock, as one does behind a long transaction: its
+    Job is still running when reconcile looks. `release()` lets it finish."""
+    blocker = psycopg.connect(platform.postgres.dsn)
+    blocker.execute("LOCK TABLE compliance_scans IN ACCESS EXCLUSIVE MODE")
+    try:
+        yield {"release": blocker.rollback}
+    finally:
+        blocker.close()
+
+
+def _migration_job(platform: Any) -> dict[str, Any] | None:
+    jobs = [
+        j
+        for j in platform.kube.list("batch/v1", "Job", NS)
+        if j["metadata"]["name"].startswith("backend-migrate-")
+    ]
+    return jobs[-1] if jobs else None
+
+
+def _job_active(job: dict[str, Any] | None) -> bool:
+    return bool(job and (job.get("status") or {}).get("active"))
+
+
+def _job_deleted_by_anyone(platform: Any) -> bool:
+    return any(w.kind == "Job" and w.method == "DELETE" for w in platform.kube.writes)
+
+
+def _running_job_reported(platform: Any, seen: Seen) -> dict[str, bool]:
+    """Killed with its Job running: the Job is never deleted, reconcile reports it and
+    keeps the intent; once the Job ends, the next reconcile reports how and clears it."""
+    run = str(seen.run_id)
+    held = {"job still running, not deleted": _job_active(_migration_job(platform))}
+    if seen.reconciled is not None:
+        problems = seen.reconciled["problems"].get(run) or []
+        held["reconcile reports the running job"] = any("still running" in p for p in problems)
+    held["intent kept while the job runs"] = recorded_intent_of(seen.run_id) is not None
+    seen.context["release"]()
+    wait_until(lambda: not _job_active(_migration_job(platform)), "the migration ends", 60)
+    again = reconcile(return_state=True).result()
+    held["then reported as finished, intent cleared"] = (
+        any("succeeded" in line for line in again["changed"].get(run, []))
+        and recorded_intent_of(seen.run_id) is None
+    )
+    held["no job deleted"] = not _job_deleted_by_anyone(platform)
+    return held
+
+
+def _finished_job_reported(platform: Any, seen: Seen) -> dict[str, bool]:
+    held = {"job finished": not _job_active(_migration_job(platform))}
+    if seen.reconciled is not None:
+        run = str(seen.run_id)
+        held["reconcile reports how it ended, clears the intent"] = (
+            any("succeeded" in line for line in seen.reconciled["changed"].get(run, []))
+            and recorded_intent_of(seen.run_id) is None
+        )
+    return held
+
+
+@contextmanager
+def _quick_issuance(platform: Any) -> Iterator[dict[str, Any]]:
+    kube, delay = platform.kube, platform.kube.certificate_delay
+    kube.certificate_delay = 0.1
+    try:
+        yield {"revision": _certificate(platform)["status"]["revision"]}
+    finally:
+        kube.certificate_delay = delay
+
+
+def _certificate(platform: Any) -> dict[str, Any]:
+    return platform.kube.get(CERT_API, "Certificate", NS, TLS_CERTIFICATE)
+
+
+def _renewed_by_cert_manager(platform: Any, seen: Seen) -> dict[str, bool]:
+    """The one write (Issuing=True) stands: cert-manager finishes the issuance alone."""
+
+    def issued() -> bool:
+        status = _certificate(platform)["status"]
+        types = {c["type"]: c["status"] for c in status.get("conditions") or []}
+        return types == {"Ready": "True"} and status["revision"] == seen.context["revision"] + 1
+
+    try:
+        wait_until(issued, "cert-manager issues the renewal", 30)
+    except AssertionError:
+        return {"renewed: Ready, revision + 1": False}
+    secret = platform.kube.get("v1", "Secret", NS, TLS_SECRET)
+    return {"renewed: Ready, revision + 1": True, "TLS Secret kept": secret is not None}
+
+
+def _upload_was_open(platform: Any, seen: Seen) -> dict[str, bool]:
+    """Proof the cell is mid-upload: reconcile found the dead run's upload open and
+    aborted it (SIGTERM: the run's own abort did, checked by "no open upload")."""
+    if seen.reconciled is None:
+        return {}
+    done = seen.reconciled["changed"].get(str(seen.run_id), [])
+    return {"reconcile aborted the open upload": any("aborted" in line for line in done)}
+
+
+@contextmanager
+def _ballast(platform: Any) -> Iterator[dict[str, Any]]:
+    """~12 MB of incompressible rows: the dump is a multipart upload of two 8 MiB parts
+    (the sandbox's own data fits in one PUT, with no upload to leave open)."""
+    random_hex = " || ".join(["md5(random()::text)"] * 10)
+    with psycopg.connect(platform.postgres.dsn, autocommit=True) as db:
+        db.execute("CREATE TABLE fault_matrix_ballast (id int PRIMARY KEY, payload bytea)")
+        db.execute(
+            f"INSERT INTO fault_matrix_ballast SELECT g, decode({random_hex}, 'hex')"
+            " FROM generate_series(1, 75000) g"
+        )
+    try:
+        yield {}
+    finally:
+        with psycopg.connect(platform.postgres.dsn, autocommit=True) as db:
+            db.execute("DROP TABLE IF EXISTS fault_matrix_ballast")
+
+
 CASES = [
-    Case(
-        "restore",
-        "restore: writers stopped",
-        "flows.restore",
-        "restore",
-        {},
-        RESTORE_LOCKS,
-        ("restore",),
-        True,
-    ),
-    Case(
-        "restore",
-        "restore: connections refused",
-        "flows.restore",
-        "restore",
-        {},
-        RESTORE_LOCKS,
-        ("restore",),
-        True,
-    ),
+    Case("restore", "restore: scratch restored", **RESTORE),
+    Case("restore", "restore: writers stopped", **RESTORE),
+    Case("restore", "restore: connections refused", **RESTORE),
+    Case("restore", "restore: swap committed", **RESTORE, swapped=True),
+    Case("restore", "restore: writers back", **RESTORE, swapped=True),
+    Case("deploy", "deploy: rolled out backend", **DEPLOY),
+    Case("deploy", "deploy: rolled out celery-workers", **DEPLOY),
+    Case("deploy", "deploy: rolled out frontend", **DEPLOY),
     Case(
         "deploy",
-        "deploy: rolled out backend",
-        "flows.deploy",
-        "deploy",
-        {"version": "9.9.9", "components": ("backend", "frontend")},
-        ("deployment/backend", "deployment/celery-workers", "deployment/frontend"),
+        "deploy: rolled back",
+        {"version": "9.9.7", "components": ("backend", "frontend")},
+        DEPLOY_LOCKS,
+        prepare=_frontend_rollouts_fail,
     ),
-    Case(
-        "maintenance-window",
-        "maintenance-window: status page scheduled",
-        "flows.maintenance_window",
-        "maintenance_window",
-        WINDOW,
-        ("deployment/backend",),
-        ("maintenance-window",),
-    ),
-    Case(
-        "maintenance-window",
-        "maintenance-window: alerts silenced",
-        "flows.maintenance_window",
-        "maintenance_window",
-        WINDOW,
-        ("deployment/backend",),
-        ("maintenance-window",),
-    ),
-    Case(
-        "maintenance-window",
-        "maintenance-window: maintenance mode on",
-        "flows.maintenance_window",
-        "maintenance_window",
-        WINDOW,
-        ("deployment/backend",),
-        ("maintenance-window",),
-    ),
+    Case("maintenance-window", "maintenance-window: status page scheduled", **WINDOW),
+    Case("maintenance-window", "maintenance-window: alerts silenced", **WINDOW),
+    Case("maintenance-window", "maintenance-window: maintenance mode on", **WINDOW),
     Case(
         "scale",
         "scale: scaled",
-        "flows.scale",
-        "scale",
         {"deployment": "backend", "replicas": 4},
         ("deployment/backend",),
         replicas=lambda _: {"backend": 4},
     ),
+    Case("backup", "backup: archive stored", {}, ("database/complianceagent",)),
     Case(
         "backup",
-        "backup: archive stored",
-        "flows.backup",
-        "backup",
+        "backup: a part uploaded",
         {},
         ("database/complianceagent",),
+        prepare=_ballast,
+        checks=_upload_was_open,
+    ),
+    Case("secret-rotation", "secret-rotation: createSecret done", **ROTATE_PASSWORD),
+    Case("secret-rotation", "secret-rotation: setSecret done", **ROTATE_PASSWORD),
+    Case("secret-rotation", "secret-rotation: testSecret done", **ROTATE_PASSWORD),
+    Case("secret-rotation", "secret-rotation: finishSecret done", **ROTATE_API_KEY),
+    # After finishSecret, the backend's pods restarted and the workers' not yet.
+    Case("secret-rotation", "restart: restarted backend", **ROTATE_API_KEY),
+    Case(
+        "rollback",
+        "rollback: rolled back frontend",
+        {"deployment": "frontend"},
+        ("deployment/frontend",),
+        ("rollback",),
+        prepare=_frontend_on_a_new_image,
+        images=lambda context: context["images"],
     ),
     Case(
-        "secret-rotation",
-        "secret-rotation: createSecret done",
-        "flows.secret_rotation",
-        "secret_rotation",
-        {"secret": "database-password"},
-        (f"secret/{DATABASE_PASSWORD_SECRET_ID}", *(f"deployment/{n}" for n in WRITERS)),
+        "autoscale",
+        "autoscale: HPA applied",
+        {"deployment": "frontend", "min_replicas": 3, "max_replicas": 9},
+        ("deployment/frontend",),
+        prepare=_no_frontend_hpa,
+        checks=_hpa_as_asked,
     ),
     Case(
-        "secret-rotation",
-        "secret-rotation: finishSecret done",
-        "flows.secret_rotation",
-        "secret_rotation",
-        {"secret": "api-key"},
-        (f"secret/{API_KEY_SECRET_ID}", *(f"deployment/{n}" for n in WRITERS)),
+        "migrations",
+        "migrations: job created",
+        MIGRATE,
+        ("database/complianceagent",),
+        ("migrations",),
+        prepare=_migration_blocked,
+        checks=_running_job_reported,
+    ),
+    Case(
+        "migrations",
+        "migrations: job finished",
+        MIGRATE,
+        ("database/complianceagent",),
+        ("migrations",),
+        checks=_finished_job_reported,
+    ),
+    Case(
+        "restart", "restart: restarted backend", {"deployment": "backend"}, ("deployment/backend",)
+    ),
+    Case(
+        "cert-renewal",
+        "cert-renewal: renewal requested",
+        {"certificate": TLS_CERTIFICATE},
+        (f"certificate/{NS}/{TLS_CERTIFICATE}",),
+        ("cert-renewal",),
+        prepare=_quick_issuance,
+        checks=_renewed_by_cert_manager,
     ),
 ]
 
 
 def _id(case: Case) -> str:
-    return case.step.replace(" ", "-").replace(":", "")
+    boundary = case.step.split(": ", 1)[-1]
+    return f"{case.runbook}-{boundary}".replace(" ", "-")
 
 
 # --- reading the real systems ------------------------------------------------------------
@@ -231,7 +480,10 @@ def _held_locks(targets: tuple[str, ...]) -> list[str]:
     held = []
     with get_client(sync_client=True) as prefect_api:
         for target in targets:
-            limit = prefect_api.read_global_concurrency_limit_by_name(lock_name(target))
+            try:
+                limit = prefect_api.read_global_concurrency_limit_by_name(lock_name(target))
+            except ObjectNotFound:
+                continue  # never taken
             if limit.active_slots:
                 held.append(target)
     return held
@@ -270,19 +522,42 @@ def _active_silences_of(platform: Any, run_id: UUID) -> list[str]:
     return silences_of_run(httpx.get(url, timeout=10).raise_for_status().json(), str(run_id))
 
 
+def _new_databases_as_expected(platform: Any, case: Case, before: Baseline) -> bool:
+    """None gone, none new; past a restore's swap, exactly one previous database kept."""
+    now = set(databases(platform))
+    new = now - before.databases
+    if not before.databases <= now:
+        return False
+    if case.swapped:
+        return len(new) == 1 and all(n.startswith(PRE_RESTORE) for n in new)
+    return not new
+
+
+def _running_jobs_unreported(kube: Any) -> list[str]:
+    """Jobs still running that no recorded intent names (reconcile reports those)."""
+    intents, _ = list_intents.fn()
+    reported = {u.get("job") for i in intents for u in i.undo if u.get("kind") == "report-job"}
+    return [
+        j["metadata"]["name"]
+        for j in kube.list("batch/v1", "Job", NS)
+        if (j.get("status") or {}).get("active") and j["metadata"]["name"] not in reported
+    ]
+
+
 def _invariants(
-    platform: Any, kube: Any, case: Case, before: Baseline, run_id: UUID
+    platform: Any, kube: Any, case: Case, before: Baseline, seen: Seen
 ) -> dict[str, bool]:
     """Each invariant, read from the real systems: name → held."""
     for name in COMPONENTS:
         wait_settled(kube, name, timeout=30)
     expected = {**before.replicas, **(case.replicas(platform) if case.replicas else {})}
+    images = {**before.images, **(case.images(seen.context) if case.images else {})}
     stages = {secret_id: _stages(platform, secret_id) for secret_id in SECRETS}
     return {
         "replicas as recorded": _replicas(platform) == expected,
-        "images as recorded": {n: image_of(kube, n) for n in COMPONENTS} == before.images,
+        "images as recorded": {n: image_of(kube, n) for n in COMPONENTS} == images,
         "maintenance off": _maintenance(kube) == ("false", False),
-        "no scratch database": set(databases(platform)) == before.databases,
+        "no scratch database": _new_databases_as_expected(platform, case, before),
         "no open upload": uploads(platform) == [],
         "secret stages consistent": all(
             sum("AWSCURRENT" in s for s in stages[i].values()) == 1
@@ -293,7 +568,9 @@ def _invariants(
         "app role logs in with AWSCURRENT": _app_role_logs_in(platform),
         "live database accepts connections with its rows": _users(platform) == before.users,
         "status page not left scheduled": _status_page(platform)[-1:] in ([], ["resolved"]),
-        "no active silence of the window": _active_silences_of(platform, run_id) == [],
+        "no active silence of the window": _active_silences_of(platform, seen.run_id) == [],
+        "no Job running unreported": _running_jobs_unreported(kube) == [],
+        **(case.checks(platform, seen) if case.checks else {}),
     }
 
 
@@ -310,13 +587,22 @@ def _record(case: Case, column: str, held: dict[str, bool], note: str) -> None:
 def clean(platform: Any, kube: Any) -> Any:
     clear_all_intents()
     clear_backups(platform)
+    kept = set(databases(platform))
     yield platform
     # A cell that did not hold must not fail the next ones: open the live database again.
     with psycopg.connect(platform.postgres.admin_dsn, autocommit=True) as admin:
         admin.execute("ALTER DATABASE complianceagent ALLOW_CONNECTIONS true")
     clear_all_intents()
     drop_databases_like(platform, r"complianceagent\_restore\_%")
+    with psycopg.connect(platform.postgres.admin_dsn, autocommit=True) as admin:
+        for name in set(databases(platform)) - kept:
+            if name.startswith(PRE_RESTORE):  # what a swapped-in restore kept, this cell's
+                admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
     clear_backups(platform)
+
+
+def _prepared(case: Case, platform: Any) -> AbstractContextManager[dict[str, Any]]:
+    return case.prepare(platform) if case.prepare else nullcontext({})
 
 
 # --- SIGKILL, then reconcile ---------------------------------------------------------------
@@ -327,20 +613,22 @@ def test_sigkill_then_reconcile(clean: Any, kube: Any, case: Case) -> None:
     platform = clean
     if case.needs_backup:
         assert backup(return_state=True).is_completed()
-    before = _baseline(platform, kube)
-    try:
-        run_id = run_until_killed(
-            case.module, case.flow, case.runbook, case.step, case.parameters, case.approve
-        )
-        state = reconcile(return_state=True)
-        assert state.is_completed(), state.message
-        freed = state.result()["freed_locks"]
-        # Read at once: reconcile freed them, nobody waited for the leases to expire.
-        leaked = _held_locks(case.locks)
-        held = _invariants(platform, kube, case, before, run_id)
-        held["locks free"] = leaked == []
-    finally:
-        free_leaked_locks(*case.locks)  # only after a cell that did not hold
+    with _prepared(case, platform) as context:
+        before = _baseline(platform, kube)
+        try:
+            run_id = run_until_killed(
+                case.module, case.flow, case.runbook, case.step, case.parameters, case.approve
+            )
+            state = reconcile(return_state=True)
+            assert state.is_completed(), state.message
+            freed = state.result()["freed_locks"]
+            # Read at once: reconcile freed them, nobody waited for the leases to expire.
+            leaked = _held_locks(case.locks)
+            seen = Seen("SIGKILL + reconcile", run_id, state.result(), context)
+            held = _invariants(platform, kube, case, before, seen)
+            held["locks free"] = leaked == []
+        finally:
+            free_leaked_locks(*case.locks)  # only after a cell that did not hold
     note = (
         f"lease of {', '.join(leaked)} still held after reconcile"
         if leaked
@@ -388,15 +676,17 @@ def test_sigterm_runs_the_runbooks_own_undo(clean: Any, kube: Any, case: Case) -
     platform = clean
     if case.needs_backup:
         assert backup(return_state=True).is_completed()
-    before = _baseline(platform, kube)
-    try:
-        run_id, exit_code, final = run_until_terminated(case)
-        assert exit_code != 0, f"{case.step}: the run finished, SIGTERM never arrived"
-        assert final not in (StateType.RUNNING, StateType.COMPLETED, StateType.PAUSED), final
-        held = _invariants(platform, kube, case, before, run_id)
-        held["locks free"] = _held_locks(case.locks) == []
-    finally:
-        free_leaked_locks(*case.locks)
+    with _prepared(case, platform) as context:
+        before = _baseline(platform, kube)
+        try:
+            run_id, exit_code, final = run_until_terminated(case)
+            assert exit_code != 0, f"{case.step}: the run finished, SIGTERM never arrived"
+            assert final not in (StateType.RUNNING, StateType.COMPLETED, StateType.PAUSED), final
+            seen = Seen("SIGTERM (own undo)", run_id, None, context)
+            held = _invariants(platform, kube, case, before, seen)
+            held["locks free"] = _held_locks(case.locks) == []
+        finally:
+            free_leaked_locks(*case.locks)
     _record(
         case,
         "SIGTERM (own undo)",
