@@ -59,7 +59,7 @@ from runbook.decisions.maintenance import (
     silences_of_run,
 )
 from runbook.decisions.migrations import MAINTENANCE_VARIABLE, job_outcome, maintenance_mode_of
-from runbook.decisions.release import choose_rollback
+from runbook.decisions.release import choose_rollback, recorded_revision_now
 from runbook.report import markdown_table
 from runbook.settings import load_settings
 from tasks.alertmanager import expire_silence, list_silences
@@ -215,9 +215,11 @@ def _scale(intent: Intent, step: Mapping[str, Any]) -> bool:
 
 
 def _revision(intent: Intent, step: Mapping[str, Any]) -> bool:
-    name, revision = step["deployment"], int(step["revision"])
+    name = step["deployment"]
     live = read_deployment(name)
-    choice = choose_rollback(live, list_deployment_revisions(name), revision)
+    revisions = list_deployment_revisions(name)
+    revision = recorded_revision_now(revisions, int(step["revision"]), step.get("image"))
+    choice = choose_rollback(live, revisions, revision)
     if choice.already_there:
         return False
     cause = f"reconcile: run {intent.run_id} of {intent.runbook} died mid-change"

@@ -24,6 +24,7 @@ from runbook.decisions.release import (
     image_tag,
     plan_images,
     record,
+    recorded_revision_now,
     with_tag,
 )
 from runbook.decisions.scaling import check_hpa_bounds, hpa_body, hpa_drift, judge_scale
@@ -364,3 +365,13 @@ def test_markdown_table_and_step_timer():
         ("ok", "ok"),
         ("boom", "failed: RuntimeError"),
     ]
+
+
+def test_a_recorded_revision_renumbered_by_a_rollback_is_found_by_its_image():
+    # The run recorded revision 1 (1.4.0); its own rollback brought 1.4.0 back as 4.
+    renumbered = [*HISTORY[1:], revision(4, "complianceagent/backend:1.4.0")]
+    assert recorded_revision_now(renumbered, 1, "complianceagent/backend:1.4.0") == 4
+    assert recorded_revision_now(HISTORY, 1, "complianceagent/backend:1.4.0") == 1
+    # Neither the number nor the image: left as recorded, for choose_rollback to refuse.
+    assert recorded_revision_now(renumbered, 1, "complianceagent/backend:0.9") == 1
+    assert recorded_revision_now(renumbered, 1, None) == 1

@@ -166,6 +166,20 @@ def _existing(revisions: Sequence[JSON]) -> str:
     return ", ".join(str(r["revision"]) for r in revisions) or "none"
 
 
+def recorded_revision_now(
+    revisions: Sequence[JSON], recorded: int, recorded_image: str | None
+) -> int:
+    """The revision number that holds what a run recorded as `recorded` (with image
+    `recorded_image`). Kubernetes renumbers a revision brought back by a rollout undo: the
+    run's own rollback turns revision 1 into, say, 3. So when `recorded` is gone from the
+    history, the newest revision running `recorded_image` is the same template under its
+    new number; with neither, `recorded` is returned and refused as not in the history."""
+    if any(r["revision"] == recorded for r in revisions) or not recorded_image:
+        return recorded
+    same = [r for r in revisions if recorded_image in (r.get("images") or {}).values()]
+    return max(same, key=lambda r: r["revision"])["revision"] if same else recorded
+
+
 def choose_rollback(
     deployment: JSON, revisions: Sequence[JSON], to_revision: int | None
 ) -> RollbackChoice:
