@@ -30,7 +30,13 @@ Guarantees:
   copied into this run's artifact), the health check runs, and the backend's errors of the
   last 15 minutes (the `logs` runbook as a subflow) are excerpted; a failed log search is
   noted in the evidence, never fails the incident.
-- Mitigation: each proposal behind its own approval; exactly the approved one is started.
+- Mitigation: the diagnosis runs with `remediate`, so each of its proposals waits behind
+  its own approval in the diagnosis run's form (the plan shows exactly what changes: the
+  replica count, the pids, the keys); the incident waits for those decisions and records
+  the remediation carried out and who approved it (the diagnosis's `mitigated` event).
+  Nothing approved there: the incident's own proposals (a rollback for errors or an
+  outage of one component), each behind an approval in this run; exactly the approved
+  one is started. A rejection changes nothing.
 - Resolved only when the alert's `complianceagent.alert.resolved` event arrives or an
   operator says so, and the health check then passes; for an alert, with
   RUNBOOK_PROMETHEUS_URL set, the alert rule's own expression (monitoring/rules) is asked
@@ -45,6 +51,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from typing import Annotated, Any, Literal
+from uuid import UUID
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -93,6 +100,7 @@ from tasks.incidents import (
     incident_resource,
     read_incident,
     read_incident_events,
+    read_mitigation,
     read_run_markdown,
     release_incident,
     update_incident,
@@ -226,13 +234,18 @@ def incident_response(
         )
 
         # 5. INVESTIGATE: the matching diagnosis and the health check, before anyone looks.
-        evidence = _investigate(incident, alertname, labels, run_id, diagnosis_wait_seconds)
+        evidence, diagnosis_run = _investigate(
+            incident, alertname, labels, run_id, diagnosis_wait_seconds
+        )
 
         # 6. Acknowledgement (form, API or event); the escalation path runs meanwhile.
         _await_acknowledgement(watch, incident, title, verdict, settings, evidence)
 
-        # 7. MITIGATE: each proposal behind an approval; exactly the approved one started.
-        mitigation = _mitigate(incident, run_id, mitigation_proposals(alertname, labels))
+        # 7. MITIGATE: the diagnosis's proposals, decided in its run's form; else ours, each
+        #    behind an approval here. Exactly the approved one is carried out.
+        mitigation = _diagnosis_mitigation(watch, incident, diagnosis_run, settings)
+        if not mitigation:
+            mitigation = _mitigate(incident, run_id, mitigation_proposals(alertname, labels))
 
         # 8. RESOLVE: the alert's resolved event or an operator; verified by the health check.
         verified = _await_resolution(watch, incident, alertname, run_id, settings)
@@ -323,14 +336,17 @@ def _claim(
 
 def _investigate(
     incident: str, alertname: str, labels: dict[str, str], run_id: Any, wait_seconds: int
-) -> str:
+) -> tuple[str, UUID | None]:
+    """The evidence, and the diagnosis run (whose proposals wait for approval) if any."""
     logger = get_run_logger()
     sections = []
+    diagnosis_run = None
     diagnosis = diagnosis_for(alertname, labels)
     if diagnosis is None:
         sections.append("**Diagnosis:** no diagnosis for this alert.")
     else:
-        sections.append(_run_diagnosis(diagnosis, incident, labels, wait_seconds))
+        section, diagnosis_run = _run_diagnosis(diagnosis, incident, wait_seconds)
+        sections.append(section)
     health = health_check(notify_on_failure=False, return_state=True)
     health_line = "healthy" if health.is_completed() else f"FAILING — {health.message}"
     sections.append(f"**Health check:** {health_line}")
@@ -339,26 +355,33 @@ def _investigate(
     create_markdown_artifact(markdown=evidence, key="incident-evidence", description=health_line)
     emit_step(incident, "investigated", run_id, diagnosis=diagnosis or "none", health=health_line)
     logger.info("investigation: diagnosis %s, health %s", diagnosis or "none", health_line)
-    return evidence
+    return evidence, diagnosis_run
 
 
-def _run_diagnosis(diagnosis: str, incident: str, labels: dict[str, str], wait_seconds: int) -> str:
-    """Start `<diagnosis>/<diagnosis>` by name; copy its evidence artifacts here."""
+def _run_diagnosis(diagnosis: str, incident: str, wait_seconds: int) -> tuple[str, UUID | None]:
+    """Start `<diagnosis>/<diagnosis>` by name, its proposals behind its own approvals;
+    copy its evidence artifacts here."""
     try:
         run: FlowRun = run_deployment(  # type: ignore[assignment]
             f"{diagnosis}/{diagnosis}",
-            parameters={"incident_id": incident, "labels": labels},
+            # Only parameters the diagnose-* flows take: an unknown one fails their run.
+            parameters={"incident_id": incident, "remediate": True},
             timeout=0,
             idempotency_key=f"{incident}/{diagnosis}",
             tags=["started-by-incident-response"],
         )
     except ObjectNotFound:
-        return f"**Diagnosis:** `{diagnosis}` is not deployed here; nothing was diagnosed."
+        return f"**Diagnosis:** `{diagnosis}` is not deployed here; nothing was diagnosed.", None
     run = wait_for_run(run.id, wait_seconds)
     state = run.state.name if run.state else "unknown"
     parts = [f"**Diagnosis:** `{diagnosis}` run `{run.name}` ({run.id}): {state}"]
+    if run.state is not None and run.state.is_paused():
+        parts.append(
+            f"**Its remediation waits for approval** in run `{run.name}`'s form (Resume): "
+            "approve or reject each proposal there."
+        )
     parts += [f"### {key}\n\n{markdown}" for key, markdown in read_run_markdown(run.id)]
-    return "\n\n".join(parts)
+    return "\n\n".join(parts), run.id
 
 
 def _log_excerpt() -> str:
@@ -438,6 +461,43 @@ def _await_acknowledgement(
         if not watch.breach_reported:
             watch.breach_reported = True
             announce(f":alarm_clock: {title}: {timing.text(verdict.priority)}")
+
+
+def _diagnosis_mitigation(
+    watch: IncidentWatch, incident: str, diagnosis_run: UUID | None, settings: PlatformSettings
+) -> dict[str, Any]:
+    """Wait until the diagnosis run's approvals are decided (or the incident resolves);
+    what it carried out and who approved it, as its `mitigated` event says."""
+    if diagnosis_run is None:
+        return {}
+    run = wait_for_run(
+        diagnosis_run,
+        settings.incident_wait_seconds,
+        settings.approval_poll_seconds,
+        final_only=True,
+        stop=lambda: watch.resolution is not None,
+    )
+    if run.state is None or not run.state.is_final():
+        announce(
+            f":hourglass: incident {incident}: the remediation proposed by `{run.name}` "
+            "was not decided before the resolution; it still waits in that run."
+        )
+        return {}
+    # Failed: every proposal rejected, or no decision in time; nothing was changed.
+    if not run.state.is_completed():
+        return {}
+    if "remediation-report" not in dict(read_run_markdown(diagnosis_run)):
+        return {}  # nothing to propose
+    since = dt.datetime.fromtimestamp(watch.declared_at - 1, dt.UTC)
+    event = read_mitigation(incident, diagnosis_run, since)
+    if event is None:
+        return {}
+    return {
+        "mitigation": str(event.payload.get("proposal")),
+        "mitigated_by": str(event.payload.get("by")),
+        "mitigation_run": str(diagnosis_run),
+        "mitigated_at": event.occurred.timestamp(),
+    }
 
 
 def _mitigate(incident: str, run_id: Any, proposals: list[Proposal]) -> dict[str, Any]:
@@ -604,7 +664,12 @@ def _post_mortem(
             f"(run {mitigation['mitigation_run']})"
         )
         if mitigation
-        else "- No mitigation by this runbook",
+        else "- No mitigation carried out",
+        *[
+            f"- Rejected: {e.payload.get('proposal')}"
+            for e in events
+            if e.event == "complianceagent.incident.mitigation-rejected"
+        ],
         f"- Resolved by {res.by} via {res.via}; verified: {verified}" if res else "",
     ]
     markdown = "\n\n".join(

@@ -317,19 +317,45 @@ def _best_effort(what: str, call: Callable[[], object]) -> bool:
 # --- the diagnosis run -------------------------------------------------------------------
 
 
-def wait_for_run(run_id: UUID, deadline_seconds: float, poll_seconds: float = 1.0) -> Any:
-    """The flow run once it is paused (waiting for its remediation's approval) or final,
-    or as it is at the deadline."""
+def wait_for_run(
+    run_id: UUID,
+    deadline_seconds: float,
+    poll_seconds: float = 1.0,
+    *,
+    final_only: bool = False,
+    stop: Callable[[], bool] | None = None,
+) -> Any:
+    """The flow run once it is paused (waiting for its remediation's approval) or final
+    (with `final_only`: once final), or as it is at the deadline or when `stop()` says so."""
     give_up = time.monotonic() + deadline_seconds
     with get_client(sync_client=True) as prefect_api:
         while True:
             run = prefect_api.read_flow_run(run_id)
             state = run.state
-            if state is not None and (state.is_paused() or state.is_final()):
+            if state is not None and (state.is_final() or (state.is_paused() and not final_only)):
                 return run
-            if time.monotonic() >= give_up:
+            if time.monotonic() >= give_up or (stop is not None and stop()):
                 return run
             time.sleep(poll_seconds)
+
+
+def read_mitigation(
+    incident: str, run_id: UUID, since: dt.datetime, wait_seconds: float = 15
+) -> Event | None:
+    """The `mitigated` event a diagnosis run sent for this incident (who approved what),
+    waiting briefly: the server stores events a moment after they are sent."""
+    give_up = time.monotonic() + wait_seconds
+    related = f"prefect.flow-run.{run_id}"
+    while True:
+        events = read_incident_events(
+            [incident_resource(incident)], since, names=["complianceagent.incident.mitigated"]
+        )
+        for event in events:
+            if any(r.id == related for r in event.related):
+                return event
+        if time.monotonic() >= give_up:
+            return None
+        time.sleep(0.5)
 
 
 def read_run_markdown(run_id: UUID) -> list[tuple[str, str]]:
