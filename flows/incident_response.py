@@ -24,8 +24,9 @@ Guarantees:
   paged (its own routing key and dedup_key) and told in chat when due, until someone
   acknowledges — from the paused run's form in the UI, `POST /api/flow_runs/<id>/resume`,
   or a `complianceagent.incident.acknowledged` event for the incident.
-- The response-time target (P1 15 min, P2 1 h, P3 4 h, P4 24 h to acknowledge) is tracked;
-  a breach is told to chat when it happens and published as an artifact.
+- The response-time target (P1 15 min, P2 1 h, P3 4 h, P4 24 h to acknowledge;
+  RUNBOOK_INCIDENT_RESPONSE_TARGETS) is tracked: a breach is told to chat and recorded as a
+  `response-target-breached` event when it happens, and the post-mortem says so.
 - Evidence before anyone looks: the matching diagnose-* deployment is started (its evidence
   copied into this run's artifact), the health check runs, and the backend's errors of the
   last 15 minutes (the `logs` runbook as a subflow) are excerpted; a failed log search is
@@ -217,6 +218,7 @@ def incident_response(
         group_key if alertname else None,
         settings.escalation_contacts,
         settings.incident_poll_seconds,
+        settings.incident_response_targets,
     )
     mitigation: dict[str, Any] = {}
     verified = ""
@@ -451,6 +453,7 @@ def _await_acknowledgement(
         verdict.priority,
         ack.at - watch.declared_at if ack else None,
         time.time() - watch.declared_at,
+        watch.targets,
     )
     if timing.breached:
         create_markdown_artifact(
@@ -641,7 +644,9 @@ def _post_mortem(
             None,
         ),
     )
-    timing = response_time(verdict.priority, times.to_acknowledge, times.to_resolve or 0)
+    timing = response_time(
+        verdict.priority, times.to_acknowledge, times.to_resolve or 0, watch.targets
+    )
     rows = [
         {
             "time (UTC)": e.occurred.strftime("%Y-%m-%d %H:%M:%S"),
@@ -657,6 +662,7 @@ def _post_mortem(
 
     done = [
         f"- Declared {verdict.priority} ({verdict.reason})",
+        f"- Response target BREACHED: {timing.text(verdict.priority)}" if timing.breached else "",
         *[f"- Paged {c.role} ({c.name})" for c in watch.paged.values()],
         f"- Acknowledged by {ack.by} via {ack.via}" if ack else "- Never acknowledged",
         (

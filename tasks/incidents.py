@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +36,7 @@ from runbook.alert_events import RESOLVED as ALERT_RESOLVED
 from runbook.alert_events import alert_resource_id as alert_resource
 from runbook.decisions.incidents import (
     PAGERDUTY_SEVERITY,
+    RESPONSE_TARGET_SECONDS,
     Contact,
     Priority,
     dedup_key,
@@ -167,6 +168,7 @@ class IncidentWatch:
     group_key: str | None
     contacts: Sequence[Contact]
     poll_seconds: float
+    targets: Mapping[Priority, int] = field(default_factory=lambda: dict(RESPONSE_TARGET_SECONDS))
     paged: dict[str, Contact] = field(default_factory=dict)
     failed_pages: list[str] = field(default_factory=list)
     acknowledged: Signal | None = None
@@ -225,7 +227,7 @@ class IncidentWatch:
         if self.acknowledged is None and self.resolution is None:
             for contact in due_contacts(self.priority, self.contacts, elapsed, self.paged):
                 self._page(contact, elapsed)
-            timing = response_time(self.priority, None, elapsed)
+            timing = response_time(self.priority, None, elapsed, self.targets)
             if timing.breached and not self.breach_reported:
                 self.breach_reported = True
                 text = f"{self.title}: {timing.text(self.priority)}"

@@ -430,3 +430,78 @@ def test_a_queue_backlog_incident_carries_out_exactly_the_approved_remediation(
         assert f"- Rejected: {title}" in post_mortem
         assert "incident.mitigation-rejected" in timeline and "incident.mitigated" not in timeline
     assert incident in post_mortem
+
+
+# --- response-time targets ------------------------------------------------------------
+
+
+def _incident_events(incident: str, name: str) -> list[dict[str, Any]]:
+    """The incident's recorded events of one name, through Prefect's REST API."""
+    now = dt.datetime.now(dt.UTC)
+    with prefect_rest(str(PREFECT_API_URL.value())) as api:
+        response = api.post(
+            "/events/filter",
+            json={
+                "filter": {
+                    "occurred": {
+                        "since": (now - dt.timedelta(hours=1)).isoformat(),
+                        "until": (now + dt.timedelta(minutes=1)).isoformat(),
+                    },
+                    "resource": {"id": [f"complianceagent.incident.{incident}"]},
+                    "event": {"name": [name]},
+                },
+                "limit": 50,
+            },
+        )
+        response.raise_for_status()
+        return list(response.json()["events"])
+
+
+@pytest.mark.parametrize("in_time", [False, True], ids=["breached", "met"])
+def test_the_response_target_breach_is_reported_only_when_nobody_acknowledged_in_time(
+    incidents: Sandbox, monkeypatch: pytest.MonkeyPatch, in_time: bool
+) -> None:
+    monkeypatch.setenv("RUNBOOK_ESCALATION_CONTACTS", contacts(("On-call engineer", 0, None)))
+    # P3's target (the page: 4 h) made 2 s, or 120 s for the acknowledgement in time.
+    monkeypatch.setenv(
+        "RUNBOOK_INCIDENT_RESPONSE_TARGETS", json.dumps({"P3": 120 if in_time else 2})
+    )
+    group = f"manual/test-{uuid.uuid4()}"
+    incident = incident_id(group)
+    started = time.time()
+    run = start_in_thread(
+        incident_response,
+        summary="Exports slow",
+        priority="P3",
+        reported_by="alice",
+        group_key=group,
+    )
+    paused = wait_for_pause("incident-response", "acknowledge", started)
+    receiver = incidents.receiver
+    if not in_time:
+        # Nobody acknowledges: chat hears of the breach while the run still waits.
+        told = receiver.wait_for(lambda n: b":alarm_clock:" in n.body, 15)
+        assert b"P3 response target 2s: not acknowledged" in told.body
+        assert read_flow_run(paused.id).state.is_paused()
+    resume_flow_run(paused.id, run_input={"acknowledged_by": "bob"})
+    wait_for_pause("incident-response", "resolve", started)
+    resume_flow_run(paused.id, run_input={"resolved_by": "bob"})
+    state = run.join(60)
+    assert state.is_completed(), state.message
+
+    result = state.result()
+    post_mortem = str(read_artifacts(paused.id)["post-mortem"].data)
+    breaches = _incident_events(incident, "complianceagent.incident.response-target-breached")
+    alarms = [n for n in receiver.received if b":alarm_clock:" in n.body]
+    if in_time:
+        assert result["response_target_breached"] is False
+        assert "P3 response target 2m 00s: acknowledged after" in post_mortem
+        assert "— met" in post_mortem and "BREACHED" not in post_mortem
+        assert breaches == [] and alarms == []
+    else:
+        assert result["response_target_breached"] is True
+        assert "- Response target BREACHED: P3 response target 2s: acknowledged after" in (
+            post_mortem
+        )
+        assert "incident.response-target-breached" in result["timeline"]
+        assert len(breaches) == 1 and len(alarms) == 1  # reported once, not every tick
