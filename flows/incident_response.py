@@ -37,7 +37,8 @@ Guarantees:
   the remediation carried out and who approved it (the diagnosis's `mitigated` event).
   Nothing approved there: the incident's own proposals (a rollback for errors or an
   outage of one component), each behind an approval in this run; exactly the approved
-  one is started. A rejection changes nothing.
+  one is started. A rejection changes nothing; a proposal still undecided when the
+  incident resolves is withdrawn (refused in its run by incident-response).
 - Resolved only when the alert's `complianceagent.alert.resolved` event arrives or an
   operator says so, and the health check then passes; for an alert, with
   RUNBOOK_PROMETHEUS_URL set, the alert rule's own expression (monitoring/rules) is asked
@@ -106,6 +107,7 @@ from tasks.incidents import (
     release_incident,
     update_incident,
     wait_for_run,
+    withdraw_approvals,
 )
 from tasks.notify import announce, page_on_call, update_status_page
 from tasks.prometheus import query_prometheus, read_alert_rules
@@ -481,10 +483,15 @@ def _diagnosis_mitigation(
         stop=lambda: watch.resolution is not None,
     )
     if run.state is None or not run.state.is_final():
+        # Resolved first: a fix for a problem that is gone is withdrawn, not left to be
+        # approved later; the refusal is recorded in that run like any other.
+        reason = f"incident {incident} resolved before a decision"
+        run = withdraw_approvals(diagnosis_run, "incident-response", reason)
         announce(
-            f":hourglass: incident {incident}: the remediation proposed by `{run.name}` "
-            "was not decided before the resolution; it still waits in that run."
+            f":hourglass: incident {incident}: the remediation proposed by `{run.name}` was "
+            "not decided before the resolution; withdrawn."
         )
+    if run.state is None or not run.state.is_final():
         return {}
     # Failed: every proposal rejected, or no decision in time; nothing was changed.
     if not run.state.is_completed():

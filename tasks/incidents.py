@@ -341,6 +341,23 @@ def wait_for_run(
             time.sleep(poll_seconds)
 
 
+def withdraw_approvals(run_id: UUID, approver: str, reason: str, timeout: float = 60) -> Any:
+    """Refuse every approval the run still waits for (recorded as a rejection by
+    `approver`, with `reason`), until it ends; the run as it is then."""
+    answer = {"approve": False, "approver": approver, "reason": reason}
+    give_up = time.monotonic() + timeout
+    with get_client(sync_client=True) as prefect_api:
+        while True:
+            run = prefect_api.read_flow_run(run_id)
+            state = run.state
+            if state is None or state.is_final() or time.monotonic() >= give_up:
+                return run
+            if state.is_paused():
+                with suppress(Exception):  # decided by someone else meanwhile: fine
+                    prefect_api.resume_flow_run(run_id, run_input=answer)
+            time.sleep(0.5)
+
+
 def read_mitigation(
     incident: str, run_id: UUID, since: dt.datetime, wait_seconds: float = 15
 ) -> Event | None:

@@ -432,6 +432,47 @@ def test_a_queue_backlog_incident_carries_out_exactly_the_approved_remediation(
     assert incident in post_mortem
 
 
+def test_a_remediation_still_undecided_when_the_alert_resolves_is_withdrawn(
+    incidents: Sandbox, kube: Any, served_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNBOOK_ESCALATION_CONTACTS", contacts(("On-call engineer", 0, None)))
+    replicas = live(kube, "celery-workers")["spec"]["replicas"]
+    group = f'{{}}:{{alertname="QueueBacklogHigh", test="{uuid.uuid4()}"}}'
+    backlog = conditions.push_celery_backlog(incidents.redis.url, 0, count=1500)
+    try:
+        started = time.time()
+        run = start_in_thread(
+            incident_response,
+            alertname="QueueBacklogHigh",
+            severity="warning",
+            labels={"runbook": "diagnose-queue-backlog", "queue": "celery"},
+            summary="Celery queue celery above 1000 messages",
+            fingerprint="ef57",
+            group_key=group,
+        )
+        diagnosis = wait_for_pause("diagnose-queue-backlog", None, started, timeout=90)
+        paused = wait_for_pause("incident-response", "acknowledge", started)
+        resume_flow_run(paused.id, run_input={"acknowledged_by": "bob"})
+        # Nobody decides on the scale; the alert resolves.
+        post_event("complianceagent.alert.resolved", f"complianceagent.alert.{group}", {})
+        state = run.join(90)
+        assert state.is_completed(), state.message
+    finally:
+        backlog.undo()
+
+    final = read_flow_run(diagnosis.id).state
+    assert final.is_failed() and "nothing was changed" in final.message
+    refusal = str(read_artifacts(diagnosis.id)["approval-rejected"].data)
+    assert "Rejected by **incident-response**: incident" in refusal
+    assert "resolved before a decision" in refusal
+    assert live(kube, "celery-workers")["spec"]["replicas"] == replicas
+    assert [w for w in kube.writes if w.at >= started] == []
+    assert incidents.receiver.wait_for(lambda n: b"withdrawn" in n.body, 5)
+    post_mortem = str(read_artifacts(paused.id)["post-mortem"].data)
+    assert "- No mitigation carried out" in post_mortem
+    assert "- Rejected: Scale deployment/celery-workers" in post_mortem
+
+
 # --- response-time targets ------------------------------------------------------------
 
 
