@@ -41,6 +41,9 @@ FAST_RUNNER = {"PREFECT_RUNNER_POLL_FREQUENCY": "1"}
 # a run that stops sending them lost its process or node, and reconcile's Proactive
 # trigger (prefect.yaml) starts reconcile, which marks it Crashed and puts its targets back.
 HEARTBEATS = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+# The served runbooks poll faster still: PREFECT_RUNNER_POLL_FREQUENCY takes whole seconds,
+# the runner's `query_seconds` a fraction (an alert's incident waited 0.5 s on average).
+SERVE_QUERY_SECONDS = 0.25
 # Where Alertmanager delivers its webhook (bridge/app.py); the bridge's own default.
 ALERT_BRIDGE_PORT = 9094
 
@@ -75,7 +78,9 @@ def serve_catalog(schedules: bool = True, without_triggers_of: Sequence[str] = (
         )
         for spec in load_catalog()
     ]
-    serve(*[to_runner_deployment(spec) for spec in specs], limit=10)
+    serve(
+        *[to_runner_deployment(spec) for spec in specs], limit=10, query_seconds=SERVE_QUERY_SECONDS
+    )
 
 
 def _wait_for_http(url: str, timeout: float, process: subprocess.Popen[bytes]) -> None:

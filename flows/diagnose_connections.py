@@ -27,7 +27,7 @@ from typing import Annotated, Any
 from prefect import flow
 from pydantic import Field
 
-from flows.diagnosis import offer, publish_evidence
+from flows.diagnosis import INCIDENT_ID, offer, publish_evidence
 from runbook.decisions.diagnostics import Diagnosis, Proposal, human_seconds
 from runbook.decisions.diagnostics_connections import (
     Session,
@@ -45,6 +45,7 @@ from tasks.postgres_diagnostics import read_connection_limits, read_sessions, te
 def diagnose_connections(
     idle_minutes: Annotated[float, Field(ge=0.05, le=1440)] = 10,
     remediate: bool = False,
+    incident_id: Annotated[str, Field(max_length=36, pattern=INCIDENT_ID)] = "",
 ) -> Diagnosis:
     """Diagnose connection pool exhaustion; propose ending long-idle client sessions.
 
@@ -53,6 +54,8 @@ def diagnose_connections(
             this is proposed for termination (0.05-1440 minutes).
         remediate: After the evidence, offer the proposal for approval and carry it out
             if approved. Off: evidence and proposals only, nothing changes.
+        incident_id: The incident this diagnosis serves (set by incident-response): its
+            approvals and what was carried out go on that incident's timeline.
     """
     database = load_settings().database_name
     threshold = idle_minutes * 60
@@ -99,7 +102,9 @@ def diagnose_connections(
 
     # 4. With remediate: approval, then end exactly the listed sessions.
     if remediate and diagnosis.proposals:
-        diagnosis = replace(diagnosis, carried_out=offer(diagnosis.proposals, _end_sessions))
+        diagnosis = replace(
+            diagnosis, carried_out=offer(diagnosis.proposals, _end_sessions, incident_id)
+        )
     return diagnosis
 
 

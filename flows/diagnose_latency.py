@@ -32,7 +32,7 @@ from typing import Annotated
 from prefect import flow
 from pydantic import Field
 
-from flows.diagnosis import offer, publish_evidence, scale_or_rollback
+from flows.diagnosis import INCIDENT_ID, offer, publish_evidence, scale_or_rollback
 from runbook.decisions.deployment import deployment_view
 from runbook.decisions.diagnostics import Diagnosis, Proposal, worst
 from runbook.decisions.diagnostics_connections import Session, connection_usage
@@ -67,6 +67,7 @@ def diagnose_latency(
     window_seconds: Annotated[int, Field(ge=10, le=3600)] = 300,
     deploy_window_hours: Annotated[float, Field(gt=0, le=168)] = 6,
     remediate: bool = False,
+    incident_id: Annotated[str, Field(max_length=36, pattern=INCIDENT_ID)] = "",
 ) -> Diagnosis:
     """Diagnose high API latency; propose rolling back a recent deploy or scaling the backend.
 
@@ -79,6 +80,8 @@ def diagnose_latency(
             back is proposed (hours, up to a week).
         remediate: After the evidence, offer each proposal for approval and carry out the
             first approved one. Off: evidence and proposals only, nothing changes.
+        incident_id: The incident this diagnosis serves (set by incident-response): its
+            approvals and what was carried out go on that incident's timeline.
     """
     settings = load_settings()
     backend = settings.deployment_name("backend")
@@ -153,7 +156,9 @@ def diagnose_latency(
 
     # 6. With remediate: each proposal behind an approval, through rollback / scale.
     if remediate and diagnosis.proposals:
-        diagnosis = replace(diagnosis, carried_out=offer(diagnosis.proposals, scale_or_rollback))
+        diagnosis = replace(
+            diagnosis, carried_out=offer(diagnosis.proposals, scale_or_rollback, incident_id)
+        )
     return diagnosis
 
 

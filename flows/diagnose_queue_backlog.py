@@ -23,7 +23,7 @@ from typing import Annotated
 from prefect import flow
 from pydantic import Field
 
-from flows.diagnosis import offer, publish_evidence, scale_or_rollback
+from flows.diagnosis import INCIDENT_ID, offer, publish_evidence, scale_or_rollback
 from runbook.decisions.diagnostics import Diagnosis, human_seconds
 from runbook.decisions.diagnostics_redis import (
     backlog_of,
@@ -42,6 +42,7 @@ def diagnose_queue_backlog(
     tasks_per_worker: Annotated[int, Field(ge=1, le=100_000)] = 100,
     stuck_minutes: Annotated[float, Field(ge=0.05, le=7 * 24 * 60)] = 30,
     remediate: bool = False,
+    incident_id: Annotated[str, Field(max_length=36, pattern=INCIDENT_ID)] = "",
 ) -> Diagnosis:
     """Diagnose a Celery queue backlog; propose scaling the workers, report stuck tasks.
 
@@ -52,6 +53,8 @@ def diagnose_queue_backlog(
             this is reported as stuck.
         remediate: After the evidence, offer the proposal for approval and carry it out
             if approved. Off: evidence and proposals only, nothing changes.
+        incident_id: The incident this diagnosis serves (set by incident-response): its
+            approvals and what was carried out go on that incident's timeline.
     """
     settings = load_settings()
     workers = settings.deployment_name("celery-workers")
@@ -99,5 +102,7 @@ def diagnose_queue_backlog(
 
     # 4. With remediate: approval, then the scale runbook (its bounds and lock apply).
     if remediate and diagnosis.proposals:
-        diagnosis = replace(diagnosis, carried_out=offer(diagnosis.proposals, scale_or_rollback))
+        diagnosis = replace(
+            diagnosis, carried_out=offer(diagnosis.proposals, scale_or_rollback, incident_id)
+        )
     return diagnosis

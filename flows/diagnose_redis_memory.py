@@ -26,7 +26,7 @@ from typing import Annotated, Any
 from prefect import flow
 from pydantic import Field
 
-from flows.diagnosis import offer, publish_evidence
+from flows.diagnosis import INCIDENT_ID, offer, publish_evidence
 from runbook.decisions.diagnostics import Diagnosis, Proposal, human_bytes
 from runbook.decisions.diagnostics_redis import (
     MIB,
@@ -52,6 +52,7 @@ def diagnose_redis_memory(
     max_keys_deleted: Annotated[int, Field(ge=1, le=1000)] = 100,
     maxmemory_ceiling_mb: Annotated[int, Field(ge=1, le=1_048_576)] = 4096,
     remediate: bool = False,
+    incident_id: Annotated[str, Field(max_length=36, pattern=INCIDENT_ID)] = "",
 ) -> Diagnosis:
     """Diagnose a full Redis; propose deleting big cache keys or raising maxmemory.
 
@@ -64,6 +65,8 @@ def diagnose_redis_memory(
             Redis container's memory limit.
         remediate: After the evidence, offer each proposal for approval and carry out the
             first approved one. Off: evidence and proposals only, nothing changes.
+        incident_id: The incident this diagnosis serves (set by incident-response): its
+            approvals and what was carried out go on that incident's timeline.
     """
     settings = load_settings()
     broker_db, cache_db, queues = (
@@ -132,7 +135,9 @@ def diagnose_redis_memory(
 
     # 4. With remediate: each proposal behind an approval; carry out the approved one.
     if remediate and diagnosis.proposals:
-        diagnosis = replace(diagnosis, carried_out=offer(diagnosis.proposals, _carry_out))
+        diagnosis = replace(
+            diagnosis, carried_out=offer(diagnosis.proposals, _carry_out, incident_id)
+        )
     return diagnosis
 
 

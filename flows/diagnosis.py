@@ -11,6 +11,10 @@ Scaling and rolling back are handed to the `scale` and `rollback` runbooks as su
 so their bounds, locks, rollout watch and health check apply unchanged. `rollback`
 always shows its own plan (current → target revision and image) and asks itself, so
 its proposal is not asked twice; `scale` within bounds asks nothing more.
+
+Started by incident-response (`incident_id` set), each rejection and the remediation
+carried out — with who approved it — are also `complianceagent.incident.*` events of
+that incident: its post-mortem timeline and its MITIGATE step read them from there.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prefect.artifacts import create_markdown_artifact
+from prefect.context import get_run_context
 from prefect.logging import get_run_logger
 
 from flows.rollback import rollback
@@ -26,7 +31,11 @@ from flows.scale import scale
 from runbook.decisions.diagnostics import Diagnosis, Proposal
 from runbook.report import markdown_table
 from tasks.approval import ApprovalDecision, ApprovalRejected, Plan, request_approval
+from tasks.incidents import emit_step
 from tasks.notify import announce
+
+# An incident id as incident-response makes it (a uuid), or empty: run on its own.
+INCIDENT_ID = r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})?$"
 
 CarryOut = Callable[[Proposal, ApprovalDecision | None], dict[str, Any]]
 
@@ -56,9 +65,11 @@ def plan_of(proposal: Proposal) -> Plan:
     )
 
 
-def offer(proposals: list[Proposal], carry_out: CarryOut) -> dict[str, Any]:
-    """Each proposal in turn behind an approval; carry out the first approved one."""
+def offer(proposals: list[Proposal], carry_out: CarryOut, incident_id: str = "") -> dict[str, Any]:
+    """Each proposal in turn behind an approval; carry out the first approved one. With an
+    incident, each rejection and the remediation carried out are told to its timeline."""
     logger = get_run_logger()
+    run_id = get_run_context().flow_run.id  # type: ignore[union-attr]
     rejected = []
     for proposal in proposals:
         try:
@@ -69,6 +80,8 @@ def offer(proposals: list[Proposal], carry_out: CarryOut) -> dict[str, Any]:
         except ApprovalRejected as exc:
             logger.info("%s: %s", proposal.title, exc)
             rejected.append(proposal.title)
+            if incident_id:
+                emit_step(incident_id, "mitigation-rejected", run_id, proposal=proposal.title)
             continue
         who = f" (approved by {decision.approver}: {decision.reason})" if decision else ""
         summary = f"{proposal.title}{who}: {outcome.get('summary', 'done')}"
@@ -79,10 +92,22 @@ def offer(proposals: list[Proposal], carry_out: CarryOut) -> dict[str, Any]:
             description=summary[:500],
         )
         announce(f":wrench: {summary}")
+        approver = decision.approver if decision else "(the rollback runbook's approval)"
+        if incident_id:
+            emit_step(
+                incident_id,
+                "mitigated",
+                run_id,
+                proposal=proposal.title,
+                by=approver,
+                reason=decision.reason if decision else "",
+                run=str(run_id),
+                outcome=str(outcome.get("summary", "done")),
+            )
         return {
             "proposal": proposal.kind,
             "title": proposal.title,
-            "approver": decision.approver if decision else "(the rollback runbook's approval)",
+            "approver": approver,
             **outcome,
         }
     raise ApprovalRejected(

@@ -24,13 +24,21 @@ Guarantees:
   paged (its own routing key and dedup_key) and told in chat when due, until someone
   acknowledges — from the paused run's form in the UI, `POST /api/flow_runs/<id>/resume`,
   or a `complianceagent.incident.acknowledged` event for the incident.
-- The response-time target (P1 15 min, P2 1 h, P3 4 h, P4 24 h to acknowledge) is tracked;
-  a breach is told to chat when it happens and published as an artifact.
+- The response-time target (P1 15 min, P2 1 h, P3 4 h, P4 24 h to acknowledge;
+  RUNBOOK_INCIDENT_RESPONSE_TARGETS) is tracked: a breach is told to chat and recorded as a
+  `response-target-breached` event when it happens, and the post-mortem says so.
 - Evidence before anyone looks: the matching diagnose-* deployment is started (its evidence
   copied into this run's artifact), the health check runs, and the backend's errors of the
   last 15 minutes (the `logs` runbook as a subflow) are excerpted; a failed log search is
   noted in the evidence, never fails the incident.
-- Mitigation: each proposal behind its own approval; exactly the approved one is started.
+- Mitigation: the diagnosis runs with `remediate`, so each of its proposals waits behind
+  its own approval in the diagnosis run's form (the plan shows exactly what changes: the
+  replica count, the pids, the keys); the incident waits for those decisions and records
+  the remediation carried out and who approved it (the diagnosis's `mitigated` event).
+  Nothing approved there: the incident's own proposals (a rollback for errors or an
+  outage of one component), each behind an approval in this run; exactly the approved
+  one is started. A rejection changes nothing; a proposal still undecided when the
+  incident resolves is withdrawn (refused in its run by incident-response).
 - Resolved only when the alert's `complianceagent.alert.resolved` event arrives or an
   operator says so, and the health check then passes; for an alert, with
   RUNBOOK_PROMETHEUS_URL set, the alert rule's own expression (monitoring/rules) is asked
@@ -45,6 +53,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from typing import Annotated, Any, Literal
+from uuid import UUID
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -93,10 +102,12 @@ from tasks.incidents import (
     incident_resource,
     read_incident,
     read_incident_events,
+    read_mitigation,
     read_run_markdown,
     release_incident,
     update_incident,
     wait_for_run,
+    withdraw_approvals,
 )
 from tasks.notify import announce, page_on_call, update_status_page
 from tasks.prometheus import query_prometheus, read_alert_rules
@@ -209,6 +220,7 @@ def incident_response(
         group_key if alertname else None,
         settings.escalation_contacts,
         settings.incident_poll_seconds,
+        settings.incident_response_targets,
     )
     mitigation: dict[str, Any] = {}
     verified = ""
@@ -226,13 +238,18 @@ def incident_response(
         )
 
         # 5. INVESTIGATE: the matching diagnosis and the health check, before anyone looks.
-        evidence = _investigate(incident, alertname, labels, run_id, diagnosis_wait_seconds)
+        evidence, diagnosis_run = _investigate(
+            incident, alertname, labels, run_id, diagnosis_wait_seconds
+        )
 
         # 6. Acknowledgement (form, API or event); the escalation path runs meanwhile.
         _await_acknowledgement(watch, incident, title, verdict, settings, evidence)
 
-        # 7. MITIGATE: each proposal behind an approval; exactly the approved one started.
-        mitigation = _mitigate(incident, run_id, mitigation_proposals(alertname, labels))
+        # 7. MITIGATE: the diagnosis's proposals, decided in its run's form; else ours, each
+        #    behind an approval here. Exactly the approved one is carried out.
+        mitigation = _diagnosis_mitigation(watch, incident, diagnosis_run, settings)
+        if not mitigation:
+            mitigation = _mitigate(incident, run_id, mitigation_proposals(alertname, labels))
 
         # 8. RESOLVE: the alert's resolved event or an operator; verified by the health check.
         verified = _await_resolution(watch, incident, alertname, run_id, settings)
@@ -323,14 +340,17 @@ def _claim(
 
 def _investigate(
     incident: str, alertname: str, labels: dict[str, str], run_id: Any, wait_seconds: int
-) -> str:
+) -> tuple[str, UUID | None]:
+    """The evidence, and the diagnosis run (whose proposals wait for approval) if any."""
     logger = get_run_logger()
     sections = []
+    diagnosis_run = None
     diagnosis = diagnosis_for(alertname, labels)
     if diagnosis is None:
         sections.append("**Diagnosis:** no diagnosis for this alert.")
     else:
-        sections.append(_run_diagnosis(diagnosis, incident, labels, wait_seconds))
+        section, diagnosis_run = _run_diagnosis(diagnosis, incident, wait_seconds)
+        sections.append(section)
     health = health_check(notify_on_failure=False, return_state=True)
     health_line = "healthy" if health.is_completed() else f"FAILING — {health.message}"
     sections.append(f"**Health check:** {health_line}")
@@ -339,26 +359,33 @@ def _investigate(
     create_markdown_artifact(markdown=evidence, key="incident-evidence", description=health_line)
     emit_step(incident, "investigated", run_id, diagnosis=diagnosis or "none", health=health_line)
     logger.info("investigation: diagnosis %s, health %s", diagnosis or "none", health_line)
-    return evidence
+    return evidence, diagnosis_run
 
 
-def _run_diagnosis(diagnosis: str, incident: str, labels: dict[str, str], wait_seconds: int) -> str:
-    """Start `<diagnosis>/<diagnosis>` by name; copy its evidence artifacts here."""
+def _run_diagnosis(diagnosis: str, incident: str, wait_seconds: int) -> tuple[str, UUID | None]:
+    """Start `<diagnosis>/<diagnosis>` by name, its proposals behind its own approvals;
+    copy its evidence artifacts here."""
     try:
         run: FlowRun = run_deployment(  # type: ignore[assignment]
             f"{diagnosis}/{diagnosis}",
-            parameters={"incident_id": incident, "labels": labels},
+            # Only parameters the diagnose-* flows take: an unknown one fails their run.
+            parameters={"incident_id": incident, "remediate": True},
             timeout=0,
             idempotency_key=f"{incident}/{diagnosis}",
             tags=["started-by-incident-response"],
         )
     except ObjectNotFound:
-        return f"**Diagnosis:** `{diagnosis}` is not deployed here; nothing was diagnosed."
+        return f"**Diagnosis:** `{diagnosis}` is not deployed here; nothing was diagnosed.", None
     run = wait_for_run(run.id, wait_seconds)
     state = run.state.name if run.state else "unknown"
     parts = [f"**Diagnosis:** `{diagnosis}` run `{run.name}` ({run.id}): {state}"]
+    if run.state is not None and run.state.is_paused():
+        parts.append(
+            f"**Its remediation waits for approval** in run `{run.name}`'s form (Resume): "
+            "approve or reject each proposal there."
+        )
     parts += [f"### {key}\n\n{markdown}" for key, markdown in read_run_markdown(run.id)]
-    return "\n\n".join(parts)
+    return "\n\n".join(parts), run.id
 
 
 def _log_excerpt() -> str:
@@ -428,6 +455,7 @@ def _await_acknowledgement(
         verdict.priority,
         ack.at - watch.declared_at if ack else None,
         time.time() - watch.declared_at,
+        watch.targets,
     )
     if timing.breached:
         create_markdown_artifact(
@@ -438,6 +466,48 @@ def _await_acknowledgement(
         if not watch.breach_reported:
             watch.breach_reported = True
             announce(f":alarm_clock: {title}: {timing.text(verdict.priority)}")
+
+
+def _diagnosis_mitigation(
+    watch: IncidentWatch, incident: str, diagnosis_run: UUID | None, settings: PlatformSettings
+) -> dict[str, Any]:
+    """Wait until the diagnosis run's approvals are decided (or the incident resolves);
+    what it carried out and who approved it, as its `mitigated` event says."""
+    if diagnosis_run is None:
+        return {}
+    run = wait_for_run(
+        diagnosis_run,
+        settings.incident_wait_seconds,
+        settings.approval_poll_seconds,
+        final_only=True,
+        stop=lambda: watch.resolution is not None,
+    )
+    if run.state is None or not run.state.is_final():
+        # Resolved first: a fix for a problem that is gone is withdrawn, not left to be
+        # approved later; the refusal is recorded in that run like any other.
+        reason = f"incident {incident} resolved before a decision"
+        run = withdraw_approvals(diagnosis_run, "incident-response", reason)
+        announce(
+            f":hourglass: incident {incident}: the remediation proposed by `{run.name}` was "
+            "not decided before the resolution; withdrawn."
+        )
+    if run.state is None or not run.state.is_final():
+        return {}
+    # Failed: every proposal rejected, or no decision in time; nothing was changed.
+    if not run.state.is_completed():
+        return {}
+    if "remediation-report" not in dict(read_run_markdown(diagnosis_run)):
+        return {}  # nothing to propose
+    since = dt.datetime.fromtimestamp(watch.declared_at - 1, dt.UTC)
+    event = read_mitigation(incident, diagnosis_run, since)
+    if event is None:
+        return {}
+    return {
+        "mitigation": str(event.payload.get("proposal")),
+        "mitigated_by": str(event.payload.get("by")),
+        "mitigation_run": str(diagnosis_run),
+        "mitigated_at": event.occurred.timestamp(),
+    }
 
 
 def _mitigate(incident: str, run_id: Any, proposals: list[Proposal]) -> dict[str, Any]:
@@ -581,7 +651,9 @@ def _post_mortem(
             None,
         ),
     )
-    timing = response_time(verdict.priority, times.to_acknowledge, times.to_resolve or 0)
+    timing = response_time(
+        verdict.priority, times.to_acknowledge, times.to_resolve or 0, watch.targets
+    )
     rows = [
         {
             "time (UTC)": e.occurred.strftime("%Y-%m-%d %H:%M:%S"),
@@ -597,6 +669,7 @@ def _post_mortem(
 
     done = [
         f"- Declared {verdict.priority} ({verdict.reason})",
+        f"- Response target BREACHED: {timing.text(verdict.priority)}" if timing.breached else "",
         *[f"- Paged {c.role} ({c.name})" for c in watch.paged.values()],
         f"- Acknowledged by {ack.by} via {ack.via}" if ack else "- Never acknowledged",
         (
@@ -604,7 +677,12 @@ def _post_mortem(
             f"(run {mitigation['mitigation_run']})"
         )
         if mitigation
-        else "- No mitigation by this runbook",
+        else "- No mitigation carried out",
+        *[
+            f"- Rejected: {e.payload.get('proposal')}"
+            for e in events
+            if e.event == "complianceagent.incident.mitigation-rejected"
+        ],
         f"- Resolved by {res.by} via {res.via}; verified: {verified}" if res else "",
     ]
     markdown = "\n\n".join(

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
+from pydantic import AnyHttpUrl, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from runbook.decisions.incidents import DEFAULT_CONTACTS, Contact
+from runbook.decisions.incidents import (
+    DEFAULT_CONTACTS,
+    RESPONSE_TARGET_SECONDS,
+    Contact,
+    Priority,
+)
 
 ENV_PREFIX = "RUNBOOK_"
 
@@ -206,6 +211,15 @@ class PlatformSettings(BaseSettings):
         description="How long an incident waits for an acknowledgement, and then for its "
         "resolution, before its run gives up (the PagerDuty incident stays open).",
     )
+    incident_response_targets: dict[Priority, Annotated[int, Field(ge=1, le=7 * 24 * 3600)]] = (
+        Field(
+            default_factory=lambda: dict(RESPONSE_TARGET_SECONDS),
+            description="Seconds within which an incident must be acknowledged, per priority, "
+            'as JSON {"P1": 900, …} (1 s to 7 days); a priority left out keeps the page\'s '
+            "target (P1 15 min, P2 1 h, P3 4 h, P4 24 h). Past it unacknowledged, the breach "
+            "is told to chat, recorded as an event and in the post-mortem.",
+        )
+    )
     incident_quiet_seconds: int = Field(
         600,
         ge=0,
@@ -237,6 +251,11 @@ class PlatformSettings(BaseSettings):
         description='Celery queue names as JSON (["celery"]); their priority lists '
         "(queue + \\x06\\x16 + 3/6/9) are counted too.",
     )
+
+    @field_validator("incident_response_targets", mode="after")
+    @classmethod
+    def _page_targets_for_the_rest(cls, targets: dict[Priority, int]) -> dict[Priority, int]:
+        return {**RESPONSE_TARGET_SECONDS, **targets}
 
     # --- Crash recovery (reconcile) -----------------------------------------------------
     heartbeat_timeout_seconds: int = Field(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +36,7 @@ from runbook.alert_events import RESOLVED as ALERT_RESOLVED
 from runbook.alert_events import alert_resource_id as alert_resource
 from runbook.decisions.incidents import (
     PAGERDUTY_SEVERITY,
+    RESPONSE_TARGET_SECONDS,
     Contact,
     Priority,
     dedup_key,
@@ -167,6 +168,7 @@ class IncidentWatch:
     group_key: str | None
     contacts: Sequence[Contact]
     poll_seconds: float
+    targets: Mapping[Priority, int] = field(default_factory=lambda: dict(RESPONSE_TARGET_SECONDS))
     paged: dict[str, Contact] = field(default_factory=dict)
     failed_pages: list[str] = field(default_factory=list)
     acknowledged: Signal | None = None
@@ -225,7 +227,7 @@ class IncidentWatch:
         if self.acknowledged is None and self.resolution is None:
             for contact in due_contacts(self.priority, self.contacts, elapsed, self.paged):
                 self._page(contact, elapsed)
-            timing = response_time(self.priority, None, elapsed)
+            timing = response_time(self.priority, None, elapsed, self.targets)
             if timing.breached and not self.breach_reported:
                 self.breach_reported = True
                 text = f"{self.title}: {timing.text(self.priority)}"
@@ -317,19 +319,62 @@ def _best_effort(what: str, call: Callable[[], object]) -> bool:
 # --- the diagnosis run -------------------------------------------------------------------
 
 
-def wait_for_run(run_id: UUID, deadline_seconds: float, poll_seconds: float = 1.0) -> Any:
-    """The flow run once it is paused (waiting for its remediation's approval) or final,
-    or as it is at the deadline."""
+def wait_for_run(
+    run_id: UUID,
+    deadline_seconds: float,
+    poll_seconds: float = 1.0,
+    *,
+    final_only: bool = False,
+    stop: Callable[[], bool] | None = None,
+) -> Any:
+    """The flow run once it is paused (waiting for its remediation's approval) or final
+    (with `final_only`: once final), or as it is at the deadline or when `stop()` says so."""
     give_up = time.monotonic() + deadline_seconds
     with get_client(sync_client=True) as prefect_api:
         while True:
             run = prefect_api.read_flow_run(run_id)
             state = run.state
-            if state is not None and (state.is_paused() or state.is_final()):
+            if state is not None and (state.is_final() or (state.is_paused() and not final_only)):
                 return run
-            if time.monotonic() >= give_up:
+            if time.monotonic() >= give_up or (stop is not None and stop()):
                 return run
             time.sleep(poll_seconds)
+
+
+def withdraw_approvals(run_id: UUID, approver: str, reason: str, timeout: float = 60) -> Any:
+    """Refuse every approval the run still waits for (recorded as a rejection by
+    `approver`, with `reason`), until it ends; the run as it is then."""
+    answer = {"approve": False, "approver": approver, "reason": reason}
+    give_up = time.monotonic() + timeout
+    with get_client(sync_client=True) as prefect_api:
+        while True:
+            run = prefect_api.read_flow_run(run_id)
+            state = run.state
+            if state is None or state.is_final() or time.monotonic() >= give_up:
+                return run
+            if state.is_paused():
+                with suppress(Exception):  # decided by someone else meanwhile: fine
+                    prefect_api.resume_flow_run(run_id, run_input=answer)
+            time.sleep(0.5)
+
+
+def read_mitigation(
+    incident: str, run_id: UUID, since: dt.datetime, wait_seconds: float = 15
+) -> Event | None:
+    """The `mitigated` event a diagnosis run sent for this incident (who approved what),
+    waiting briefly: the server stores events a moment after they are sent."""
+    give_up = time.monotonic() + wait_seconds
+    related = f"prefect.flow-run.{run_id}"
+    while True:
+        events = read_incident_events(
+            [incident_resource(incident)], since, names=["complianceagent.incident.mitigated"]
+        )
+        for event in events:
+            if any(r.id == related for r in event.related):
+                return event
+        if time.monotonic() >= give_up:
+            return None
+        time.sleep(0.5)
 
 
 def read_run_markdown(run_id: UUID) -> list[tuple[str, str]]:

@@ -148,3 +148,14 @@ def test_mitigation_proposals():
 def test_durations():
     d = durations(1000.0, 1060.0, None, 1600.0)
     assert (d.to_acknowledge, d.to_mitigate, d.to_resolve) == (60.0, None, 600.0)
+
+
+def test_response_time_against_configured_targets():
+    targets = {"P1": 900, "P2": 3600, "P3": 2, "P4": 86400}
+    assert response_time("P3", None, 3, targets).breached
+    assert not response_time("P3", 1.5, 10, targets).breached  # acknowledged in time
+    assert response_time("P3", 2.5, 10, targets).breached
+    assert response_time("P3", None, 3, targets).text("P3") == (
+        "P3 response target 2s: not acknowledged — BREACHED"
+    )
+    assert not response_time("P3", None, 3).breached  # the page's 4 h by default

@@ -16,8 +16,10 @@ from prefect.settings import PREFECT_API_URL
 
 from flows.incident_response import incident_response
 from runbook.decisions.incidents import incident_id
+from sandbox import conditions
 from sandbox.platform import PAGERDUTY_ROUTING_KEY, Sandbox
 from tests.helpers import prefect_rest, read_artifacts, read_flow_run, start_in_thread
+from tests.release_helpers import live
 
 LEAD_KEY = "team-lead-routing-key"
 
@@ -50,8 +52,8 @@ def status_page(platform: Sandbox) -> list[str]:
     ]
 
 
-def wait_for_pause(flow_name: str, key: str, since: float, timeout: float = 60) -> Any:
-    """The run of `flow_name` paused at `key`, started after `since`."""
+def wait_for_pause(flow_name: str, key: str | None, since: float, timeout: float = 60) -> Any:
+    """The run of `flow_name` paused at `key` (None: at any pause), started after `since`."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter
 
@@ -68,7 +70,7 @@ def wait_for_pause(flow_name: str, key: str, since: float, timeout: float = 60) 
                 if (
                     state is not None
                     and state.is_paused()
-                    and state.state_details.pause_key == key
+                    and key in (None, state.state_details.pause_key)
                     and run.created is not None
                     and run.created.timestamp() >= since - 1
                 ):
@@ -354,3 +356,193 @@ def test_resolution_is_verified_by_the_alerts_own_query_in_prometheus(
     assert f"verified: health check passed; alert query clear (`{expr}` yields nothing)" in (
         post_mortem
     )
+
+
+# --- MITIGATE: the diagnosis's proposal, approved (or rejected) in its run's form -------
+
+
+@pytest.mark.parametrize("approve", [True, False], ids=["approved", "rejected"])
+def test_a_queue_backlog_incident_carries_out_exactly_the_approved_remediation(
+    incidents: Sandbox, kube: Any, served_api: str, monkeypatch: pytest.MonkeyPatch, approve: bool
+) -> None:
+    monkeypatch.setenv("RUNBOOK_ESCALATION_CONTACTS", contacts(("On-call engineer", 0, None)))
+    replicas = live(kube, "celery-workers")["spec"]["replicas"]
+    group = f'{{}}:{{alertname="QueueBacklogHigh", test="{uuid.uuid4()}"}}'
+    incident = incident_id(group)
+    # A real backlog on the broker's list: 1500 Celery messages, 15 workers wanted.
+    backlog = conditions.push_celery_backlog(incidents.redis.url, 0, count=1500)
+    try:
+        started = time.time()
+        run = start_in_thread(
+            incident_response,
+            alertname="QueueBacklogHigh",
+            severity="warning",
+            labels={"runbook": "diagnose-queue-backlog", "queue": "celery"},
+            summary="Celery queue celery above 1000 messages",
+            fingerprint="ef56",
+            group_key=group,
+        )
+        # The diagnosis (served, as in `make up`) found it and waits at its approval; the
+        # incident's evidence says where to decide.
+        diagnosis = wait_for_pause("diagnose-queue-backlog", None, started, timeout=90)
+        paused = wait_for_pause("incident-response", "acknowledge", started)
+        evidence = str(read_artifacts(paused.id)["incident-evidence"].data)
+        assert f"**Diagnosis:** `diagnose-queue-backlog` run `{diagnosis.name}`" in evidence
+        assert "**Its remediation waits for approval**" in evidence
+        plan = str(read_artifacts(diagnosis.id)["approval-plan"].data)
+        title = f"Scale deployment/celery-workers from {replicas} to 15 replicas"
+        assert title in plan
+        resume_flow_run(paused.id, run_input={"acknowledged_by": "bob"})
+
+        # The decision, through the diagnosis run's form.
+        decision = {"approve": approve, "approver": "erin", "reason": "INC-7"}
+        resume_flow_run(diagnosis.id, run_input=decision)
+        wait_for_pause("incident-response", "resolve", started)
+        final = read_flow_run(diagnosis.id).state
+        assert final.is_completed() if approve else final.is_failed(), final.message
+
+        # On the real system: the approved scale and nothing else; rejected, nothing at all.
+        writes = [(w.name, w.subresource) for w in kube.writes if w.at >= started]
+        if approve:
+            assert live(kube, "celery-workers")["spec"]["replicas"] == 15
+            assert writes == [("celery-workers", "scale")]
+        else:
+            assert live(kube, "celery-workers")["spec"]["replicas"] == replicas
+            assert writes == []
+        broker = conditions.redis_client(incidents.redis.url, 0)
+        assert broker.llen("celery") == 1500  # the messages themselves are never touched
+        broker.close()
+
+        resume_flow_run(paused.id, run_input={"resolved_by": "carol"})
+        state = run.join(60)
+        assert state.is_completed(), state.message
+    finally:
+        backlog.undo()
+
+    # The post-mortem records what was done and who approved it, or that nothing was.
+    post_mortem = str(read_artifacts(paused.id)["post-mortem"].data)
+    timeline = state.result()["timeline"]
+    if approve:
+        assert f"- Mitigation: {title}, approved by erin (run {diagnosis.id})" in post_mortem
+        assert "incident.mitigated" in timeline and "incident.mitigation-rejected" not in timeline
+    else:
+        assert "- No mitigation carried out" in post_mortem
+        assert f"- Rejected: {title}" in post_mortem
+        assert "incident.mitigation-rejected" in timeline and "incident.mitigated" not in timeline
+    assert incident in post_mortem
+
+
+def test_a_remediation_still_undecided_when_the_alert_resolves_is_withdrawn(
+    incidents: Sandbox, kube: Any, served_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNBOOK_ESCALATION_CONTACTS", contacts(("On-call engineer", 0, None)))
+    replicas = live(kube, "celery-workers")["spec"]["replicas"]
+    group = f'{{}}:{{alertname="QueueBacklogHigh", test="{uuid.uuid4()}"}}'
+    backlog = conditions.push_celery_backlog(incidents.redis.url, 0, count=1500)
+    try:
+        started = time.time()
+        run = start_in_thread(
+            incident_response,
+            alertname="QueueBacklogHigh",
+            severity="warning",
+            labels={"runbook": "diagnose-queue-backlog", "queue": "celery"},
+            summary="Celery queue celery above 1000 messages",
+            fingerprint="ef57",
+            group_key=group,
+        )
+        diagnosis = wait_for_pause("diagnose-queue-backlog", None, started, timeout=90)
+        paused = wait_for_pause("incident-response", "acknowledge", started)
+        resume_flow_run(paused.id, run_input={"acknowledged_by": "bob"})
+        # Nobody decides on the scale; the alert resolves.
+        post_event("complianceagent.alert.resolved", f"complianceagent.alert.{group}", {})
+        state = run.join(90)
+        assert state.is_completed(), state.message
+    finally:
+        backlog.undo()
+
+    final = read_flow_run(diagnosis.id).state
+    assert final.is_failed() and "nothing was changed" in final.message
+    refusal = str(read_artifacts(diagnosis.id)["approval-rejected"].data)
+    assert "Rejected by **incident-response**: incident" in refusal
+    assert "resolved before a decision" in refusal
+    assert live(kube, "celery-workers")["spec"]["replicas"] == replicas
+    assert [w for w in kube.writes if w.at >= started] == []
+    assert incidents.receiver.wait_for(lambda n: b"withdrawn" in n.body, 5)
+    post_mortem = str(read_artifacts(paused.id)["post-mortem"].data)
+    assert "- No mitigation carried out" in post_mortem
+    assert "- Rejected: Scale deployment/celery-workers" in post_mortem
+
+
+# --- response-time targets ------------------------------------------------------------
+
+
+def _incident_events(incident: str, name: str) -> list[dict[str, Any]]:
+    """The incident's recorded events of one name, through Prefect's REST API."""
+    now = dt.datetime.now(dt.UTC)
+    with prefect_rest(str(PREFECT_API_URL.value())) as api:
+        response = api.post(
+            "/events/filter",
+            json={
+                "filter": {
+                    "occurred": {
+                        "since": (now - dt.timedelta(hours=1)).isoformat(),
+                        "until": (now + dt.timedelta(minutes=1)).isoformat(),
+                    },
+                    "resource": {"id": [f"complianceagent.incident.{incident}"]},
+                    "event": {"name": [name]},
+                },
+                "limit": 50,
+            },
+        )
+        response.raise_for_status()
+        return list(response.json()["events"])
+
+
+@pytest.mark.parametrize("in_time", [False, True], ids=["breached", "met"])
+def test_the_response_target_breach_is_reported_only_when_nobody_acknowledged_in_time(
+    incidents: Sandbox, monkeypatch: pytest.MonkeyPatch, in_time: bool
+) -> None:
+    monkeypatch.setenv("RUNBOOK_ESCALATION_CONTACTS", contacts(("On-call engineer", 0, None)))
+    # P3's target (the page: 4 h) made 2 s, or 120 s for the acknowledgement in time.
+    monkeypatch.setenv(
+        "RUNBOOK_INCIDENT_RESPONSE_TARGETS", json.dumps({"P3": 120 if in_time else 2})
+    )
+    group = f"manual/test-{uuid.uuid4()}"
+    incident = incident_id(group)
+    started = time.time()
+    run = start_in_thread(
+        incident_response,
+        summary="Exports slow",
+        priority="P3",
+        reported_by="alice",
+        group_key=group,
+    )
+    paused = wait_for_pause("incident-response", "acknowledge", started)
+    receiver = incidents.receiver
+    if not in_time:
+        # Nobody acknowledges: chat hears of the breach while the run still waits.
+        told = receiver.wait_for(lambda n: b":alarm_clock:" in n.body, 15)
+        assert b"P3 response target 2s: not acknowledged" in told.body
+        assert read_flow_run(paused.id).state.is_paused()
+    resume_flow_run(paused.id, run_input={"acknowledged_by": "bob"})
+    wait_for_pause("incident-response", "resolve", started)
+    resume_flow_run(paused.id, run_input={"resolved_by": "bob"})
+    state = run.join(60)
+    assert state.is_completed(), state.message
+
+    result = state.result()
+    post_mortem = str(read_artifacts(paused.id)["post-mortem"].data)
+    breaches = _incident_events(incident, "complianceagent.incident.response-target-breached")
+    alarms = [n for n in receiver.received if b":alarm_clock:" in n.body]
+    if in_time:
+        assert result["response_target_breached"] is False
+        assert "P3 response target 2m 00s: acknowledged after" in post_mortem
+        assert "— met" in post_mortem and "BREACHED" not in post_mortem
+        assert breaches == [] and alarms == []
+    else:
+        assert result["response_target_breached"] is True
+        assert "- Response target BREACHED: P3 response target 2s: acknowledged after" in (
+            post_mortem
+        )
+        assert "incident.response-target-breached" in result["timeline"]
+        assert len(breaches) == 1 and len(alarms) == 1  # reported once, not every tick

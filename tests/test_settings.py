@@ -78,3 +78,21 @@ def test_serving_the_runbooks_refuses_to_start_without_an_environment(monkeypatc
     )
     assert served.returncode != 0
     assert "RUNBOOK_ENVIRONMENT is not set" in served.stderr
+
+
+def test_response_targets_keep_the_page_for_priorities_left_out(monkeypatch):
+    monkeypatch.setenv("RUNBOOK_INCIDENT_RESPONSE_TARGETS", '{"P3": 2}')
+    assert PlatformSettings().incident_response_targets == {
+        "P1": 900,
+        "P2": 3600,
+        "P3": 2,
+        "P4": 86400,
+    }
+
+
+@pytest.mark.parametrize("value", ['{"P3": 0}', '{"P3": 700000}', '{"P7": 60}'])
+def test_response_targets_out_of_bounds_are_refused(monkeypatch, value):
+    monkeypatch.setenv("RUNBOOK_INCIDENT_RESPONSE_TARGETS", value)
+    with pytest.raises(ValidationError) as caught:
+        PlatformSettings()
+    assert caught.value.errors()[0]["loc"][0] == "incident_response_targets"

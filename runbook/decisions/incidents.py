@@ -220,11 +220,15 @@ class ResponseTime:
 
 
 def response_time(
-    priority: Priority, acknowledged_after: float | None, elapsed_seconds: float
+    priority: Priority,
+    acknowledged_after: float | None,
+    elapsed_seconds: float,
+    targets: Mapping[Priority, int] = RESPONSE_TARGET_SECONDS,
 ) -> ResponseTime:
-    """Was the response target met: acknowledged within the priority's response time?
-    Unacknowledged, it is breached once `elapsed_seconds` passes the target."""
-    target = RESPONSE_TARGET_SECONDS[priority]
+    """Was the response target met: acknowledged within the priority's response time
+    (`targets`, the page's by default)? Unacknowledged, it is breached once
+    `elapsed_seconds` passes the target."""
+    target = targets.get(priority, RESPONSE_TARGET_SECONDS[priority])
     took = acknowledged_after if acknowledged_after is not None else elapsed_seconds
     return ResponseTime(target, acknowledged_after, took > target)
 

@@ -72,7 +72,9 @@ class AlertmanagerServer(ServerProcess):
         self,
         *,
         webhook_url: str | None = None,
-        group_wait: str = "1s",
+        # A new alert group waits this long for companions before its first webhook: the
+        # largest leg of alert → incident in the sandbox (`python -m bench alerts`).
+        group_wait: str = "200ms",
         group_interval: str = "5s",
         repeat_interval: str = "4h",
         port: int | None = None,
