@@ -44,6 +44,8 @@ HEARTBEATS = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
 # The served runbooks poll faster still: PREFECT_RUNNER_POLL_FREQUENCY takes whole seconds,
 # the runner's `query_seconds` a fraction (an alert's incident waited 0.5 s on average).
 SERVE_QUERY_SECONDS = 0.25
+# At most this many runbook runs at once per served process; more wait their turn.
+SERVE_LIMIT = 10
 # Where Alertmanager delivers its webhook (bridge/app.py); the bridge's own default.
 ALERT_BRIDGE_PORT = 9094
 
@@ -79,7 +81,9 @@ def serve_catalog(schedules: bool = True, without_triggers_of: Sequence[str] = (
         for spec in load_catalog()
     ]
     serve(
-        *[to_runner_deployment(spec) for spec in specs], limit=10, query_seconds=SERVE_QUERY_SECONDS
+        *[to_runner_deployment(spec) for spec in specs],
+        limit=SERVE_LIMIT,
+        query_seconds=SERVE_QUERY_SECONDS,
     )
 
 
