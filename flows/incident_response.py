@@ -441,15 +441,7 @@ def _await_acknowledgement(
     ack = watch.acknowledged
     if ack is not None:
         # Tell PagerDuty too, so its own escalation stops.
-        for contact in list(watch.paged.values()):
-            page_on_call(
-                title,
-                PAGERDUTY_SEVERITY[verdict.priority],
-                dedup_key=dedup_key(incident, contact),
-                action="acknowledge",
-                routing_key=contact.routing_key,
-                return_state=True,
-            )
+        _tell_everyone_paged(watch, incident, title, verdict, "acknowledge")
         announce(f":eyes: incident {incident} acknowledged by {ack.by}")
     timing = response_time(
         verdict.priority,
@@ -610,16 +602,29 @@ def _alert_query_verdict(alertname: str, settings: PlatformSettings) -> str:
     return f"alert query NOT clear: `{expr}` still yields {result:g}"
 
 
-def _close(watch: IncidentWatch, incident: str, title: str, verdict: Triage, run_id: Any) -> None:
+def _tell_everyone_paged(
+    watch: IncidentWatch,
+    incident: str,
+    title: str,
+    verdict: Triage,
+    action: Literal["acknowledge", "resolve"],
+) -> None:
+    """PagerDuty `acknowledge`/`resolve` for each contact paged so far (its own alert,
+    by dedup key), so PagerDuty's escalation stops too. Best effort: an outage is noted in
+    the task's state, never fails the incident."""
     for contact in list(watch.paged.values()):
         page_on_call(
             title,
             PAGERDUTY_SEVERITY[verdict.priority],
             dedup_key=dedup_key(incident, contact),
-            action="resolve",
+            action=action,
             routing_key=contact.routing_key,
             return_state=True,
         )
+
+
+def _close(watch: IncidentWatch, incident: str, title: str, verdict: Triage, run_id: Any) -> None:
+    _tell_everyone_paged(watch, incident, title, verdict, "resolve")
     if verdict.priority in STATUS_PAGE_PRIORITIES:
         update_status_page("resolved", f"Resolved: {title}")
     announce(f":white_check_mark: incident {incident} resolved: {title}")
