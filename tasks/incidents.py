@@ -23,6 +23,7 @@ from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import VariableCreate, VariableUpdate
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.events import Event, emit_event
 from prefect.events.filters import (
     EventAnyResourceFilter,
@@ -334,7 +335,9 @@ def wait_for_run(
         while True:
             run = prefect_api.read_flow_run(run_id)
             state = run.state
-            if state is not None and (state.is_final() or (state.is_paused() and not final_only)):
+            if state is not None and state.is_final():
+                return run
+            if not final_only and _paused_run(prefect_api, run) is not None:
                 return run
             if time.monotonic() >= give_up or (stop is not None and stop()):
                 return run
@@ -352,10 +355,24 @@ def withdraw_approvals(run_id: UUID, approver: str, reason: str, timeout: float 
             state = run.state
             if state is None or state.is_final() or time.monotonic() >= give_up:
                 return run
-            if state.is_paused():
+            paused = _paused_run(prefect_api, run)
+            if paused is not None:
                 with suppress(Exception):  # decided by someone else meanwhile: fine
-                    prefect_api.resume_flow_run(run_id, run_input=answer)
+                    prefect_api.resume_flow_run(paused.id, run_input=answer)
             time.sleep(0.5)
+
+
+def _paused_run(prefect_api: Any, run: Any) -> Any:
+    """`run` if it waits for an approval, else its subflow run that does (a `rollback`
+    proposal asks in the rollback runbook's own form), else None."""
+    if run.state is not None and run.state.is_paused():
+        return run
+    children = prefect_api.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])
+        )
+    )
+    return next((c for c in children if c.state is not None and c.state.is_paused()), None)
 
 
 def read_mitigation(
