@@ -14,7 +14,10 @@ Guarantees:
   treats it as any dead run. A run that never sent a heartbeat is never guessed dead.
 - A dead run's lock leases (recorded by `tasks.locks` when taken) are freed once its
   intent is put back, so the next run of its targets starts at once instead of waiting
-  for Prefect's lease expiry (300 s); a live run's leases are never touched.
+  for Prefect's lease expiry (300 s); a live run's leases are never touched. While a
+  dead run's change is still under way (a migration Job running), its leases are renewed
+  each time reconcile runs (`RUNBOOK_RECONCILE_LEASE_SECONDS`, longer than its period):
+  the database stays locked for as long as the Job runs, however long past the expiry.
 - Never touches what a live run owns: an intent is acted on only when its run is in a
   terminal state (Crashed, Cancelled, Failed, Completed) or gone from the server, and no
   live run has recorded an intent on one of the same targets since.
@@ -30,7 +33,7 @@ Guarantees:
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -46,12 +49,13 @@ from runbook.decisions.intent import (
     Intent,
     describe_step,
     judge,
-    leases_to_free,
+    lease_actions,
     pre_restore_age,
     pre_restore_to_drop,
     secret_repair,
     silent_run,
 )
+from runbook.decisions.locks import LeaseRecord
 from runbook.decisions.maintenance import (
     WINDOW_ANNOTATION,
     interrupted_window_update,
@@ -82,7 +86,7 @@ from tasks.kubernetes import (
     set_deployment_env,
     wait_for_rollout,
 )
-from tasks.locks import exclusive, free_lease, list_lease_records
+from tasks.locks import exclusive, free_lease, list_lease_records, renew_lease
 from tasks.notify import announce, update_status_page
 from tasks.postgres import allow_connections, drop_database, read_database_sizes
 from tasks.postgres_roles import alter_role_password
@@ -112,6 +116,8 @@ class Repair:
     unchanged: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     kept: bool = False
+    # Kept because something of the run is still changing its target (a Job running).
+    under_way: bool = False
 
 
 @flow(name="reconcile", flow_run_name="reconcile")
@@ -135,13 +141,16 @@ def reconcile() -> dict[str, Any]:
             judgement = judge(intents, states)
             # 5. Put each dead run's targets back, step by step; clear what is done.
             repairs = [_repair(intent) for intent in judgement.to_reconcile]
-            # 6. Free the locks dead runs still hold, once their targets are back: the
-            #    next run of a target need not wait for the lease to expire.
+            # 6. Free the locks dead runs still hold once their targets are back (the
+            #    next run need not wait for the lease to expire); renew them while their
+            #    change is still under way (a Job outlives its run, and its lock must too).
             unfinished = {r.intent.run_id for r in repairs if r.kept}
             unfinished |= {v.intent.run_id for v in judgement.left}
-            to_free, _ = leases_to_free(leases, states, unfinished)
-            for lease in to_free:
+            under_way = {r.intent.run_id for r in repairs if r.under_way}
+            locks = lease_actions(leases, states, under_way, unfinished)
+            for lease in locks.free:
                 free_lease(lease)
+            renewed, lapsed = _renew_under_way(locks.renew)
     except TimeoutError:
         logger.info("another reconcile holds the lock; nothing to do")
         return {"skipped": "another reconcile is running"}
@@ -150,8 +159,8 @@ def reconcile() -> dict[str, Any]:
     kept_databases = _pre_restore_databases()
 
     # 8. Report: an artifact always, chat when something changed or needs a person.
-    freed = sorted(f"{lease.target} (run {lease.run_id})" for lease in to_free)
-    _publish(repairs, judgement.left, unreadable, kept_databases, crashed, freed)
+    freed = sorted(f"{lease.target} (run {lease.run_id})" for lease in locks.free)
+    _publish(repairs, judgement.left, unreadable, kept_databases, crashed, freed, renewed, lapsed)
     return {
         "reconciled": [r.intent.run_id for r in repairs if not r.kept],
         "changed": {r.intent.run_id: r.done for r in repairs if r.done},
@@ -159,6 +168,8 @@ def reconcile() -> dict[str, Any]:
         "problems": {r.intent.run_id: r.problems for r in repairs if r.problems},
         "marked_crashed": crashed,
         "freed_locks": freed,
+        "renewed_locks": renewed,
+        "lapsed_locks": lapsed,
     }
 
 
@@ -180,6 +191,20 @@ def _crash_silent_runs(states: dict[str, str | None]) -> dict[str, str]:
     return crashed
 
 
+def _renew_under_way(leases: Sequence[LeaseRecord]) -> tuple[list[str], dict[str, str]]:
+    """Renew each lease; (renewed, lock → why it could not be: already expired)."""
+    seconds = load_settings().reconcile_lease_seconds
+    renewed, lapsed = [], {}
+    for lease in leases:
+        lock = f"{lease.target} (run {lease.run_id})"
+        why = renew_lease(lease, seconds)
+        if why is None:
+            renewed.append(lock)
+        else:
+            lapsed[lock] = f"{why}: unlocked while the run's change is still under way"
+    return sorted(renewed), lapsed
+
+
 def _repair(intent: Intent) -> Repair:
     """Apply the intent's undo steps in order; clear it when all are done."""
     repair = Repair(intent)
@@ -188,7 +213,7 @@ def _repair(intent: Intent) -> Repair:
         try:
             changed = STEPS[step["kind"]](intent, step)
         except StillRunning as exc:
-            repair.kept = True
+            repair.kept = repair.under_way = True
             repair.problems.append(f"{what}: {exc}")
             continue
         except Exception as exc:
@@ -390,6 +415,8 @@ def _publish(
     kept: list[dict[str, Any]],
     crashed: Mapping[str, str],
     freed: list[str],
+    renewed: list[str],
+    lapsed: Mapping[str, str],
 ) -> None:
     changed = [r for r in repairs if r.done]
     headline = (
@@ -400,6 +427,10 @@ def _publish(
         headline += f"; {len(crashed)} silent run(s) marked Crashed"
     if freed:
         headline += f"; {len(freed)} lock(s) of dead runs freed"
+    if renewed:
+        headline += f"; {len(renewed)} lock(s) held on while their change runs"
+    if lapsed:
+        headline += f"; {len(lapsed)} lock(s) LAPSED under a running change"
     rows = [
         {
             "run": r.intent.run_id,
@@ -427,6 +458,12 @@ def _publish(
         else "_none_",
         "### Locks of dead runs freed",
         "\n".join(f"- {lock}" for lock in freed) or "_none_",
+        "### Locks of dead runs held on (their change is still under way)",
+        "\n".join(
+            [f"- {lock}: renewed" for lock in renewed]
+            + [f"- {lock}: {why}" for lock, why in lapsed.items()]
+        )
+        or "_none_",
         "### Previous databases kept by restores",
         markdown_table(kept) if kept else "_none_",
     ]
@@ -434,9 +471,11 @@ def _publish(
         sections += ["### Unreadable intents", "\n".join(f"- {u}" for u in unreadable)]
     create_markdown_artifact(key="reconcile", markdown="\n\n".join(sections), description=headline)
     get_run_logger().info(headline)
-    if changed or crashed or freed or any(r.problems for r in repairs):
+    if changed or crashed or freed or lapsed or any(r.problems for r in repairs):
         lines = [f"- run {run_id} marked Crashed: {why}" for run_id, why in crashed.items()]
         lines += [f"- lock freed: {lock}" for lock in freed]
+        lines += [f"- lock held on: {lock}" for lock in renewed]
+        lines += [f"- lock LAPSED: {lock}: {why}" for lock, why in lapsed.items()]
         lines += [
             f"- {r.intent.runbook} run {r.intent.run_id}: " + "; ".join(r.done + r.problems)
             for r in repairs

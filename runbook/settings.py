@@ -268,6 +268,24 @@ class PlatformSettings(BaseSettings):
         "(30 s, Prefect's minimum) plus a margin, and at most the `within` of the "
         "reconcile's heartbeat trigger in prefect.yaml.",
     )
+    lock_lease_seconds: int = Field(
+        300,
+        ge=60,
+        le=86400,
+        description="A run's lock lease (a Prefect global concurrency lease) lasts this "
+        "long without a renewal; the run renews it every fifth of it. A killed run's locks "
+        "stay held this long at most unless reconcile frees or renews them. Prefect's "
+        "server accepts 60 s to 1 day.",
+    )
+    reconcile_lease_seconds: int = Field(
+        600,
+        ge=180,
+        le=86400,
+        description="Reconcile renews a dead run's locks while its change is still under "
+        "way (a migration Job running) for this long each time it runs; longer than "
+        "reconcile's period (2 min) plus a margin, so one late or failed reconcile does "
+        "not unlock a database a migration is still changing.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -18,7 +18,9 @@ held through a lease that cannot leak or lie.
 - Each held lease is also recorded outside the process (a Prefect Variable
   `runbook-lease-<lease id>`: run, target), deleted on release. A SIGKILLed run leaves its
   records, and `reconcile` frees the locks of runs it judged dead once their undo is
-  done (`free_lease`), instead of every later run waiting for the lease to expire.
+  done (`free_lease`), instead of every later run waiting for the lease to expire; while
+  a dead run's change is still under way (a migration Job running), reconcile renews its
+  leases instead (`renew_lease`), so the target stays locked past the lease's expiry.
 - Leases live in the Prefect server's lease storage: memory by default (a server restart
   forgets them while the slot stays taken), the Redis one of `prefect-redis` in
   production (README, Production).
@@ -57,13 +59,14 @@ from runbook.decisions.locks import (
     lock_problem,
     parse_lease_record,
 )
+from runbook.settings import load_settings
 from tasks.logs import run_logger
 from tasks.retry_policy import TRANSIENT_RETRIES, call_with_retries, is_transient
 
-# The server keeps a lease this long without a renewal; its repossessor then frees the slot.
-LEASE_SECONDS = 300.0
-# Renewed well before that, so a few minutes of API trouble never lose a live lease.
-RENEW_EVERY_SECONDS = 60.0
+# The server keeps a lease `RUNBOOK_LOCK_LEASE_SECONDS` (300) without a renewal; its
+# repossessor then frees the slot. Renewed every fifth of that, so a few minutes of API
+# trouble never lose a live lease.
+RENEWALS_PER_LEASE = 5
 # After a failed renewal, try again this soon.
 RENEW_RETRY_SECONDS = 5.0
 
@@ -86,6 +89,7 @@ class _Lease:
     target: str
     name: str
     lease_id: UUID
+    seconds: float
     lost: str | None = None  # why, once the renewal thread found it gone
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -140,17 +144,25 @@ def _limit_problem(name: str) -> str | None:
     return lock_problem(name, bool(limit.active), limit.limit)
 
 
-def _renew(lease: _Lease) -> str | None:
-    """Renew once; why the lease is gone (410/404), or None when renewed. Transient
-    failures raise."""
+def _lease_seconds() -> float:
+    return float(load_settings().lock_lease_seconds)
+
+
+def _renew_lease_id(lease_id: UUID, seconds: float) -> str | None:
+    """Renew once for `seconds`; why the lease is gone (410/404), or None when renewed.
+    Transient failures raise."""
     try:
         with get_client(sync_client=True) as prefect_api:
-            prefect_api.renew_concurrency_lease(lease.lease_id, lease_duration=LEASE_SECONDS)
+            prefect_api.renew_concurrency_lease(lease_id, lease_duration=seconds)
     except Exception as exc:
         if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code in (404, 410):
-            return f"lease {lease.lease_id} was revoked or expired"
+            return f"lease {lease_id} was revoked or expired"
         raise
     return None
+
+
+def _renew(lease: _Lease) -> str | None:
+    return _renew_lease_id(lease.lease_id, lease.seconds)
 
 
 def _check_lease(lease: _Lease) -> str | None:
@@ -159,16 +171,17 @@ def _check_lease(lease: _Lease) -> str | None:
 
 
 def _keep_renewed(lease: _Lease) -> None:
-    """The renewal thread: renew every RENEW_EVERY_SECONDS; on a transient failure retry
+    """The renewal thread: renew every fifth of the lease; on a transient failure retry
     until the lease would have expired. Records a loss, never interrupts the flow."""
+    every = lease.seconds / RENEWALS_PER_LEASE
     renewed_at = time.monotonic()
-    wait = RENEW_EVERY_SECONDS
+    wait = every
     while not lease.stop.wait(wait) and lease.lost is None:
         try:
             lease.lost = _renew(lease)
-            renewed_at, wait = time.monotonic(), RENEW_EVERY_SECONDS
+            renewed_at, wait = time.monotonic(), every
         except Exception as exc:
-            if not is_transient(exc) or time.monotonic() - renewed_at > LEASE_SECONDS:
+            if not is_transient(exc) or time.monotonic() - renewed_at > lease.seconds:
                 lease.lost = f"could not renew lease {lease.lease_id}: {exc}"
             else:
                 wait = RENEW_RETRY_SECONDS
@@ -189,7 +202,7 @@ def _release(lease: _Lease) -> None:
             "could not release lock %s (lease %s; the server frees it within %.0fs): %s",
             lease.name,
             lease.lease_id,
-            LEASE_SECONDS,
+            lease.seconds,
             exc,
         )
         return
@@ -257,21 +270,30 @@ def free_lease(record: LeaseRecord) -> None:
     _forget_lease(record.lease_id)
 
 
+@task(task_run_name="renew lease of {record.target}", **TRANSIENT_RETRIES)
+def renew_lease(record: LeaseRecord, seconds: float) -> str | None:
+    """`POST /api/v2/concurrency_limits/leases/{id}/renew`: keep a dead run's lock held
+    `seconds` longer, while its change is still under way. Returns why it could not (the
+    lease already expired or was revoked: the lock is no longer held), or None."""
+    return _renew_lease_id(UUID(record.lease_id), seconds)
+
+
 @contextmanager
 def _hold(target: str, wait_seconds: float) -> Iterator[_Lease]:
     name = lock_name(target)
     _ensure_limit(name)
     run_logger().info("Taking lock %s", name)
     holder = _holder()
+    seconds = _lease_seconds()
     granted = acquire_concurrency_slots_with_lease(
         [name],
         1,
         timeout_seconds=wait_seconds,
-        lease_duration=LEASE_SECONDS,
+        lease_duration=seconds,
         strict=True,
         holder=holder,
     )
-    lease = _Lease(target, name, granted.lease_id)
+    lease = _Lease(target, name, granted.lease_id, seconds)
     try:
         _record_lease(lease, holder)
         problem = _limit_problem(name)

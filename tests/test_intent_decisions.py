@@ -9,7 +9,7 @@ import pytest
 from runbook.decisions.intent import (
     BadIntent,
     judge,
-    leases_to_free,
+    lease_actions,
     new_intent,
     parse_intent,
     pre_restore_age,
@@ -117,19 +117,39 @@ def lease(run_id: str, target: str = "deployment/backend") -> LeaseRecord:
 def test_a_dead_runs_leases_are_freed_and_a_live_runs_never():
     leases = [lease("crashed"), lease("gone"), lease("running"), lease("paused")]
     states = {"crashed": "CRASHED", "gone": None, "running": "RUNNING", "paused": "PAUSED"}
-    free, keep = leases_to_free(leases, states, unfinished=())
-    assert [r.run_id for r in free] == ["crashed", "gone"]
-    assert [(r.run_id, why) for r, why in keep] == [
+    plan = lease_actions(leases, states, under_way=(), unfinished=())
+    assert [r.run_id for r in plan.free] == ["crashed", "gone"]
+    assert plan.renew == ()
+    assert [(r.run_id, why) for r, why in plan.leave] == [
         ("running", "run is RUNNING: it holds its lock"),
         ("paused", "run is PAUSED: it holds its lock"),
     ]
 
 
+def test_a_dead_runs_leases_are_renewed_while_its_change_is_under_way():
+    # A migration Job outlives its run: the database stays locked until the Job ends,
+    # however long past the lease's expiry that is.
+    leases = [lease("migrating", "database/complianceagent"), lease("done")]
+    states = {"migrating": "CRASHED", "done": "CRASHED"}
+    plan = lease_actions(leases, states, under_way={"migrating"}, unfinished={"migrating"})
+    assert [r.run_id for r in plan.renew] == ["migrating"]
+    assert [r.run_id for r in plan.free] == ["done"]
+    assert plan.leave == ()
+
+
+def test_a_live_run_is_never_renewed_for_even_if_named_under_way():
+    plan = lease_actions([lease("running")], {"running": "RUNNING"}, {"running"}, {"running"})
+    assert plan.renew == () and plan.free == ()
+    assert [r.run_id for r, _ in plan.leave] == ["running"]
+
+
 def test_a_dead_runs_leases_wait_until_its_intent_is_put_back():
-    # Freed earlier, another run could take the lock and change what reconcile still
-    # has to put back (a migration Job still running, a step that failed).
-    free, keep = leases_to_free([lease("crashed")], {"crashed": "CRASHED"}, {"crashed"})
-    assert free == [] and "not put back yet" in keep[0][1]
+    # A step that failed, or a live run now owning a target: not renewed (a repair that
+    # keeps failing must not lock the target for good), not freed (another run could
+    # change what reconcile still has to put back): the lease expires by itself.
+    plan = lease_actions([lease("crashed")], {"crashed": "CRASHED"}, (), {"crashed"})
+    assert plan.free == () and plan.renew == ()
+    assert "not put back yet" in plan.leave[0][1]
 
 
 def test_a_lease_record_round_trips_and_anything_else_is_ignored():

@@ -201,25 +201,49 @@ def judge(intents: Sequence[Intent], states: Mapping[str, str | None]) -> Judgem
     return Judgement(tuple(verdicts))
 
 
-def leases_to_free(
-    leases: Sequence[LeaseRecord], states: Mapping[str, str | None], unfinished: Iterable[str]
-) -> tuple[list[LeaseRecord], list[tuple[LeaseRecord, str]]]:
-    """(to free, to keep and why). A dead run's leases are freed once nothing of it is
-    left to put back (`unfinished`: runs whose intent reconcile kept or left): freed
-    earlier, another run could take the lock and change a target reconcile is still
-    putting back. A live run's leases are its own, never touched."""
-    unfinished = set(unfinished)
+@dataclass(frozen=True)
+class LeasePlan:
+    """What reconcile does with the recorded lock leases: free, renew, or leave (and why)."""
+
+    free: tuple[LeaseRecord, ...] = ()
+    renew: tuple[LeaseRecord, ...] = ()
+    leave: tuple[tuple[LeaseRecord, str], ...] = ()
+
+
+def lease_actions(
+    leases: Sequence[LeaseRecord],
+    states: Mapping[str, str | None],
+    under_way: Iterable[str],
+    unfinished: Iterable[str],
+) -> LeasePlan:
+    """Which recorded leases to free, renew or leave.
+
+    - A live run's leases are its own (it renews them): left.
+    - A dead run whose change is still under way (`under_way`: a migration Job still
+      running) keeps its locks for as long as that lasts: renewed, since the dead run no
+      longer renews them and Prefect would free them at the lease's expiry while the Job
+      still changes the database (a backup or a restore could then start under it).
+    - A dead run with something else not put back yet (`unfinished`: a step failed, or a
+      live run now owns one of its targets) is left: its lease expires by itself, so a
+      repair that keeps failing cannot lock a target for good, and a live run waiting
+      for that lock is not starved.
+    - Any other dead run's leases are freed: its targets are back.
+    """
+    under_way, unfinished = set(under_way), set(unfinished)
     free: list[LeaseRecord] = []
-    keep: list[tuple[LeaseRecord, str]] = []
+    renew: list[LeaseRecord] = []
+    leave: list[tuple[LeaseRecord, str]] = []
     for lease in leases:
         state = states.get(lease.run_id)
         if not run_is_dead(state):
-            keep.append((lease, f"run is {state}: it holds its lock"))
+            leave.append((lease, f"run is {state}: it holds its lock"))
+        elif lease.run_id in under_way:
+            renew.append(lease)
         elif lease.run_id in unfinished:
-            keep.append((lease, "its intent is not put back yet; the lease expires by itself"))
+            leave.append((lease, "its intent is not put back yet; the lease expires by itself"))
         else:
             free.append(lease)
-    return free, keep
+    return LeasePlan(tuple(free), tuple(renew), tuple(leave))
 
 
 # --- the steps' decisions -------------------------------------------------------------------

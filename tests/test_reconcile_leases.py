@@ -1,0 +1,144 @@
+"""A migration Job outlives its run, and its lock must too: a killed migration whose Job is
+still running keeps the database locked for as long as the Job runs (reconcile renews the
+dead run's lease each time it runs), not only until Prefect's lease expiry; once the Job
+ended, the next reconcile frees it.
+
+The run's lease is shortened to Prefect's minimum (`RUNBOOK_LOCK_LEASE_SECONDS=60`) so the
+test outlives it in about a minute. When that expiry is past is not guessed: a control
+lease of the same length, taken after the kill (so it expires after the run's own) and
+renewed by nobody, shows when the server's repossessor has freed an unrenewed lease.
+
+The session's test server is Prefect's ephemeral one, which does not run the repossessor
+(an expired lease is never freed there): this test runs its own `prefect server start`,
+the repossessor looking every second instead of every 15 s.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.exceptions import ObjectAlreadyExists
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flows.reconcile import reconcile
+from tasks.locks import exclusive, list_lease_records, lock_name
+from tests.reconcile_helpers import run_until_killed
+from tests.release_helpers import wait_until
+from tests.test_fault_matrix import MIGRATE, _job_active, _migration_blocked, _migration_job
+from tests.test_lock_persistence import MEMORY_LEASES, PrefectServer
+
+pytestmark = pytest.mark.slow
+
+DATABASE = "database/complianceagent"
+PROBE = "lease-probe/unrenewed"
+LEASE_SECONDS = 60  # the least Prefect's server accepts
+
+
+@pytest.fixture
+def clean(platform: Any, kube: Any) -> Iterator[Any]:
+    """The sandbox, and a Prefect server of this test's own whose repossessor runs; the
+    client (and the runs this test starts) point at it."""
+    home = Path(tempfile.mkdtemp(prefix="ca-prefect-repossessor-"))
+    server = PrefectServer(
+        home,
+        {
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": MEMORY_LEASES,
+            "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1",
+        },
+    )
+    server.start()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.url}):
+            yield platform
+    finally:
+        server.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def reconciled() -> dict[str, Any]:
+    state = reconcile(return_state=True)
+    assert state.is_completed(), state.message
+    return dict(state.result())
+
+
+def active_slots(target: str) -> int:
+    with get_client(sync_client=True) as prefect_api:
+        return int(
+            prefect_api.read_global_concurrency_limit_by_name(lock_name(target)).active_slots
+        )
+
+
+def take_unrenewed_lease(target: str, seconds: float) -> None:
+    """A lease nobody renews, as a dead run's would be without reconcile."""
+    name = lock_name(target)
+    with get_client(sync_client=True) as prefect_api:
+        with suppress(ObjectAlreadyExists):
+            prefect_api.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=name, limit=1)
+            )
+        prefect_api.increment_concurrency_slots_with_lease(
+            names=[name], slots=1, mode="concurrency", lease_duration=seconds
+        ).raise_for_status()
+
+
+def lock_taken_at_once(target: str) -> bool:
+    try:
+        with exclusive(target, wait_seconds=1):
+            return True
+    except TimeoutError:
+        return False
+
+
+def test_a_killed_migrations_lock_is_held_while_its_job_runs_past_the_lease_expiry(clean, kube):
+    platform = clean
+    lock = f"{DATABASE} (run "
+    with _migration_blocked(platform) as blocked:
+        run_id = run_until_killed(
+            "flows.migrations",
+            "migrations",
+            "migrations",
+            "migrations: job created",
+            MIGRATE,
+            ("migrations",),
+            RUNBOOK_LOCK_LEASE_SECONDS=str(LEASE_SECONDS),
+        )
+        held = f"{lock}{run_id})"
+        assert _job_active(_migration_job(platform))
+        take_unrenewed_lease(PROBE, LEASE_SECONDS)
+
+        first = reconciled()
+
+        assert first["renewed_locks"] == [held]
+        assert first["freed_locks"] == [] and first["lapsed_locks"] == {}
+        assert any("still running" in p for p in first["problems"][str(run_id)])
+
+        # Past the run's own lease expiry: the unrenewed control lease (taken later, as
+        # long) has been repossessed by the server.
+        wait_until(lambda: active_slots(PROBE) == 0, "the server frees an unrenewed lease", 90)
+
+        second = reconciled()
+
+        assert second["renewed_locks"] == [held]
+        assert active_slots(DATABASE) == 1
+        assert not lock_taken_at_once(DATABASE)  # a backup or restore would wait
+        assert [r.run_id for r in list_lease_records.fn() if r.target == DATABASE] == [str(run_id)]
+
+        # The Job ends: the next reconcile reports it and frees the database.
+        blocked["release"]()
+        wait_until(lambda: not _job_active(_migration_job(platform)), "the migration ends", 60)
+
+    third = reconciled()
+
+    assert third["freed_locks"] == [held]
+    assert third["renewed_locks"] == []
+    assert any("succeeded" in line for line in third["changed"][str(run_id)])
+    assert lock_taken_at_once(DATABASE)
+    assert [r for r in list_lease_records.fn() if r.run_id == str(run_id)] == []
