@@ -516,11 +516,15 @@ def _baseline(platform: Any, kube: Any) -> Baseline:
 
 
 def _status_page(platform: Any) -> list[str]:
-    """The statuses posted to the status page during this cell, oldest first."""
+    """The statuses posted about the fault matrix's window during this cell, oldest first
+    (by its reason, which every post of the window and of reconcile quotes: an incident
+    run of an earlier test posting meanwhile is not this window)."""
     return [
         n.json["incident"]["status"]
         for n in platform.receiver.received
-        if n.path.startswith("/statuspage") and n.json
+        if n.path.startswith("/statuspage")
+        and n.json
+        and WINDOW["reason"] in str(n.json["incident"].get("body"))
     ]
 
 
