@@ -524,7 +524,7 @@ def _status_page(platform: Any) -> list[str]:
         for n in platform.receiver.received
         if n.path.startswith("/statuspage")
         and n.json
-        and WINDOW["reason"] in str(n.json["incident"].get("body"))
+        and WINDOW["parameters"]["reason"] in str(n.json["incident"].get("body"))
     ]
 
 
