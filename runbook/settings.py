@@ -234,6 +234,15 @@ class PlatformSettings(BaseSettings):
         description="Prometheus server (its HTTP API) for p99 and error rate. Unset: "
         "diagnose-latency scrapes the backend's /metrics twice and says so.",
     )
+    connections_idle_minutes: float = Field(
+        10,
+        ge=0.05,
+        le=1440,
+        description="diagnose-connections proposes ending client sessions idle (or idle in "
+        "a transaction) longer than this many minutes when its run does not say otherwise "
+        "(as when incident-response starts it). The runbook page's 10 minutes; the sandbox "
+        "sets a few seconds so that a drill's freshly held sessions are proposed.",
+    )
     redis_broker_db: int = Field(
         0, ge=0, le=15, description="Redis database of the Celery broker (never flushed)."
     )

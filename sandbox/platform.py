@@ -502,6 +502,9 @@ class Sandbox(Service):
             "RUNBOOK_ALERTMANAGER_URL": self.alertmanager.url,
             # The cache in its own Redis database; the Celery broker keeps db 0.
             "RUNBOOK_REDIS_CACHE_DB": "1",
+            # A drill's sessions are idle for seconds when its incident's diagnosis looks:
+            # 6 s, not the page's 10 min, so the connections drill shows a real proposal.
+            "RUNBOOK_CONNECTIONS_IDLE_MINUTES": "0.1",
             "AWS_ACCESS_KEY_ID": "sandbox",
             "AWS_SECRET_ACCESS_KEY": "sandbox",
             "AWS_DEFAULT_REGION": AWS_REGION,

@@ -17,6 +17,7 @@ from flows.diagnose_connections import diagnose_connections
 from flows.diagnose_latency import diagnose_latency
 from flows.diagnose_queue_backlog import diagnose_queue_backlog
 from flows.diagnose_redis_memory import diagnose_redis_memory
+from runbook.decisions.diagnostics import Level
 from sandbox import conditions
 from tasks import kubernetes as k8s
 from tests.helpers import read_artifacts, start_in_thread, wait_for_paused_run
@@ -112,6 +113,79 @@ def test_connections_never_propose_superuser_sessions(platform, idle_sessions):
 def test_connections_bad_threshold_refused_before_any_query(platform, minutes):
     with pytest.raises(ParameterTypeError, match="idle_minutes"):
         diagnose_connections(idle_minutes=minutes)
+
+
+def prometheus_value(platform, query):
+    result = httpx.get(
+        f"{platform.env['RUNBOOK_PROMETHEUS_URL']}/api/v1/query", params={"query": query}
+    ).json()["data"]["result"]
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+@pytest.fixture
+def pool_nearly_full(platform):
+    """The connections drill's condition: 18 idle sessions of the app role, at least 18 of
+    the backend's pool of 20 as the sandbox's Prometheus sees them (the alert's own series),
+    idle longer than the sandbox's RUNBOOK_CONNECTIONS_IDLE_MINUTES (0.1 min)."""
+    with conditions.hold_idle_connections(platform.postgres.dsn, 18) as held:
+        idle_since = time.monotonic()
+        give_up = idle_since + 60
+        while time.monotonic() < give_up and not (
+            time.monotonic() - idle_since > 0.1 * 60 + 1
+            and prometheus_value(platform, "max(db_connections)") >= 18
+        ):
+            time.sleep(0.5)
+        yield held.pids
+
+
+def test_connections_judged_against_the_pool_the_alert_divides_by(platform, pool_nearly_full):
+    # No idle_minutes, as incident-response starts it: the platform's setting decides.
+    state = diagnose_connections(return_state=True)
+
+    assert state.is_completed(), state.message
+    diagnosis = state.result()
+    pool = diagnosis.evidence["pool"]
+    assert pool["pool size"] == 20 and pool["db_connections"] >= 18
+    assert pool["query"] == "max(db_connections) / max(db_connection_pool_size)"
+    # max_connections alone would say ok; the alert's ratio (> 80 %) says otherwise.
+    assert diagnosis.evidence["percent"] < 80
+    assert diagnosis.level in (Level.WARNING, Level.CRITICAL)
+    assert diagnosis.level.value == pool["level"]
+    assert "of the application's pool of 20" in diagnosis.summary
+    assert "of 100 connections in use" in diagnosis.summary
+    # Idle for seconds, over the sandbox's 6 s: all 18 are proposed, never ours.
+    (proposal,) = diagnosis.proposals
+    proposed = {s["pid"] for s in proposal.action["sessions"]}
+    assert set(pool_nearly_full) <= proposed
+    assert proposal.facts["idle threshold"] == "6 s"
+    assert proposal.title.startswith(f"End {len(proposed)} sessions idle over 6 s on ")
+    ours = [s["pid"] for s in diagnosis.evidence["spared"] if s["why"] == "our own session"]
+    assert len(ours) == 1 and ours[0] not in proposed
+    assert alive(platform.postgres.dsn, pool_nearly_full) == set(pool_nearly_full)
+    evidence = read_artifacts(state.state_details.flow_run_id)["diagnosis-connections"].data
+    assert "## Diagnosis: connections — " + diagnosis.level.value in evidence
+    assert "The application's pool (what the DatabaseConnections alerts judge)" in evidence
+
+
+def test_connections_idle_minutes_given_wins_over_the_setting(platform, pool_nearly_full):
+    diagnosis = diagnose_connections(idle_minutes=10)
+
+    proposed = {s["pid"] for p in diagnosis.proposals for s in p.action["sessions"]}
+    assert not proposed & set(pool_nearly_full)
+    spared = {s["pid"]: s["why"] for s in diagnosis.evidence["spared"]}
+    assert all(spared[pid].startswith("idle for only") for pid in pool_nearly_full)
+    assert diagnosis.level != Level.OK  # the judgement does not depend on the threshold
+
+
+def test_connections_without_prometheus_judge_max_connections_alone(
+    platform, without_prometheus, pool_nearly_full
+):
+    diagnosis = diagnose_connections()
+
+    assert diagnosis.evidence["pool"] is None
+    assert diagnosis.level == Level.OK  # 18 or so of 100: what max_connections says
+    assert "pool" not in diagnosis.summary
+    assert "of 100 connections in use" in diagnosis.summary
 
 
 # --- Redis memory -----------------------------------------------------------------------

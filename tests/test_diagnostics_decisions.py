@@ -9,6 +9,8 @@ from runbook.decisions.diagnostics import Level
 from runbook.decisions.diagnostics_connections import (
     Session,
     connection_usage,
+    connections_level,
+    pool_usage,
     propose_terminations,
     sessions_to_end,
     termination_check,
@@ -84,6 +86,45 @@ def test_usage_counts_client_backends_against_max_minus_reserved():
     assert usage.total == 79 and usage.by_state == {"idle": 79}
     assert round(usage.percent) == 81 and usage.level == Level.WARNING
     assert connection_usage(sessions[:10], 100, 3).level == Level.OK
+
+
+def test_the_pool_is_judged_as_the_alert_judges_it():
+    # The connections drill: 18 of the pool's 20 (the alert's 90 %), 19 of max_connections.
+    pool = pool_usage(18.0, 20.0)
+    assert (pool.connections, pool.pool_size, round(pool.percent or 0)) == (18, 20, 90)
+    assert pool.level == Level.WARNING
+    assert pool.summary == "18 of the application's pool of 20 (90%)"
+    assert pool_usage(20, 20).level == Level.CRITICAL  # > 95 %, DatabaseConnectionsCritical
+    assert pool_usage(19, 20).level == Level.WARNING  # exactly 95 % is not over it
+    assert pool_usage(16, 20).level == Level.OK  # exactly 80 % is not over it either
+    for unmeasured in (pool_usage(None, 20), pool_usage(18, None), pool_usage(3, 0)):
+        assert unmeasured.level == Level.UNKNOWN and unmeasured.percent is None
+        assert "not measured" in unmeasured.summary
+
+
+def test_the_level_is_the_worse_of_the_pool_and_max_connections():
+    few = connection_usage([session(n) for n in range(1, 20)], 100, 3)  # 20 %: ok
+    many = connection_usage([session(n) for n in range(1, 95)], 100, 3)  # 97 %: critical
+    assert few.level == Level.OK and many.level == Level.CRITICAL
+    assert connections_level(few, pool_usage(18, 20)) == Level.WARNING
+    assert connections_level(many, pool_usage(5, 20)) == Level.CRITICAL
+    assert connections_level(few, pool_usage(5, 20)) == Level.OK
+    # Prometheus without the series: what max_connections says, not "unknown".
+    assert connections_level(few, pool_usage(None, None)) == Level.OK
+    # Without Prometheus: max_connections alone, as before.
+    assert connections_level(few, None) == Level.OK
+
+
+def test_the_plan_names_the_pool_the_alert_judged():
+    chosen = [session(1, idle=754), session(2, idle=30)]
+    usage = connection_usage(chosen, 100, 3)
+    proposal = propose_terminations(chosen, 6, "complianceagent", usage, pool_usage(18, 20))
+    assert proposal is not None
+    assert proposal.title == "End 2 sessions idle over 6 s on complianceagent"
+    assert proposal.reason.startswith("18 of the application's pool of 20 (90%); 2 of 100")
+    assert proposal.facts["application's pool"] == "18 of the application's pool of 20 (90%)"
+    without = propose_terminations(chosen, 6, "complianceagent", usage)
+    assert without is not None and "application's pool" not in without.facts
 
 
 def test_the_plan_lists_each_session_and_carries_pid_and_backend_start():

@@ -1,5 +1,12 @@
-"""Connection pool exhaustion: how full `max_connections` is, and which sessions may be
-ended. Pure, over rows of `pg_stat_activity` as plain data.
+"""Connection pool exhaustion: how full `max_connections` is, how full the application's
+pool is (what the DatabaseConnections alerts judge), and which sessions may be ended. Pure,
+over rows of `pg_stat_activity` and two Prometheus numbers as plain data.
+
+Two limits, because either runs out first: PostgreSQL refuses the 101st client of
+`max_connections = 100`, and the backend's pool (20 in the sandbox) makes requests wait
+long before that. The alert divides by the pool, so a diagnosis judging only
+`max_connections` would say "ok" while the alert that started it fires; the level is the
+worse of the two.
 
 The page's remedy is
 
@@ -24,6 +31,7 @@ from runbook.decisions.diagnostics import (
     Level,
     Proposal,
     human_seconds,
+    worst,
 )
 
 IDLE_STATES = frozenset({"idle", "idle in transaction", "idle in transaction (aborted)"})
@@ -70,6 +78,51 @@ class ConnectionUsage:
             f"{self.total} of {self.max_connections} connections in use ({self.percent:.0f}%, "
             f"{self.reserved} reserved for superusers)"
         )
+
+
+@dataclass(frozen=True)
+class PoolUsage:
+    """The alert's own numbers: `max(db_connections)` over `max(db_connection_pool_size)`
+    (None: Prometheus had no sample of one of them)."""
+
+    connections: int | None
+    pool_size: int | None
+    percent: float | None
+    level: Level
+
+    @property
+    def summary(self) -> str:
+        if self.percent is None:
+            return "the application's pool: not measured (no db_connections or pool size)"
+        return (
+            f"{self.connections} of the application's pool of {self.pool_size} "
+            f"({self.percent:.0f}%)"
+        )
+
+
+def pool_usage(connections: float | None, pool_size: float | None) -> PoolUsage:
+    """The DatabaseConnections alerts' ratio, judged by the same Key Metrics row (> 80 %
+    warning, > 95 % critical). A missing sample, or a pool size of 0, is unknown."""
+    if connections is None or pool_size is None or pool_size <= 0:
+        return PoolUsage(
+            connections=None if connections is None else round(connections),
+            pool_size=None if pool_size is None else round(pool_size),
+            percent=None,
+            level=Level.UNKNOWN,
+        )
+    percent = 100.0 * connections / pool_size
+    return PoolUsage(
+        connections=round(connections),
+        pool_size=round(pool_size),
+        percent=percent,
+        level=DB_CONNECTIONS_PERCENT.level(percent),
+    )
+
+
+def connections_level(usage: ConnectionUsage, pool: PoolUsage | None) -> Level:
+    """The worse of `max_connections`' and the pool's levels (the pool's is not known
+    without Prometheus: then `max_connections`' alone)."""
+    return usage.level if pool is None else worst(usage.level, pool.level)
 
 
 def connection_usage(
@@ -136,23 +189,31 @@ def session_line(s: Session) -> str:
 
 
 def propose_terminations(
-    chosen: list[Session], threshold_seconds: float, database: str, usage: ConnectionUsage
+    chosen: list[Session],
+    threshold_seconds: float,
+    database: str,
+    usage: ConnectionUsage,
+    pool: PoolUsage | None = None,
 ) -> Proposal | None:
     """End exactly the chosen sessions, each only if it is still the same session
     (same pid and backend_start) and still idle when the approval comes."""
     if not chosen:
         return None
     in_transaction = sum(1 for s in chosen if s.state != "idle")
+    pool_facts = {"application's pool": pool.summary} if pool is not None else {}
     return Proposal(
         kind="terminate-idle-sessions",
-        title=f"End {len(chosen)} idle sessions on {database}",
+        title=f"End {len(chosen)} sessions idle over {human_seconds(threshold_seconds)} "
+        f"on {database}",
         reason=(
-            f"{usage.summary}; {len(chosen)} client sessions idle longer than "
+            (f"{pool.summary}; " if pool is not None else "")
+            + f"{usage.summary}; {len(chosen)} client sessions idle longer than "
             f"{human_seconds(threshold_seconds)} ({in_transaction} of them in a transaction)"
         ),
         target=f"database/{database}",
         steps=tuple(f"pg_terminate_backend — {session_line(s)}" for s in chosen),
         facts={
+            **pool_facts,
             "connections": usage.summary,
             "sessions to end": str(len(chosen)),
             "idle threshold": human_seconds(threshold_seconds),
