@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from contextlib import suppress
 from typing import Any
 from uuid import UUID
@@ -35,6 +36,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.states import Crashed
 
 from deployments.catalog import PROJECT_ROOT
+from flows.reconcile import reconcile
 from runbook.decisions.intent import VARIABLE_PREFIX, parse_intent, variable_name
 from runbook.fault_points import KILL_AT_VARIABLE
 from tasks.intent import delete_intent
@@ -128,3 +130,19 @@ def free_leaked_locks(*targets: str) -> None:
                 prefect_api.update_global_concurrency_limit(
                     lock_name(target), GlobalConcurrencyLimitUpdate(active_slots=0)
                 )
+
+
+def reconciled(timeout: float = 120) -> dict[str, Any]:
+    """One reconcile of our own, run to its end, and what it returned. The session's served
+    reconcile may be at work at the same moment (prefect.yaml's trigger starts it when a
+    runbook run is marked Crashed); ours then skips at the `reconcile` lock: wait for that
+    one to finish and run again."""
+    give_up = time.monotonic() + timeout
+    while True:
+        state = reconcile(return_state=True)
+        assert state.is_completed(), state.message
+        result = dict(state.result())
+        if "skipped" not in result:
+            return result
+        assert time.monotonic() < give_up, f"reconcile skipped for {timeout:g}s: {result}"
+        time.sleep(0.5)

@@ -48,7 +48,6 @@ from psycopg import sql
 
 from deployments.catalog import PROJECT_ROOT
 from flows.backup import backup
-from flows.reconcile import reconcile
 from runbook.decisions.maintenance import WINDOW_ANNOTATION, silences_of_run
 from runbook.fault_points import TERM_AT_VARIABLE
 from sandbox.platform import (
@@ -67,6 +66,7 @@ from tests.reconcile_helpers import (
     APPROVE,
     clear_all_intents,
     free_leaked_locks,
+    reconciled,
     recorded_intent_of,
     run_until_killed,
 )
@@ -264,7 +264,7 @@ def _running_job_reported(platform: Any, seen: Seen) -> dict[str, bool]:
     held["intent kept while the job runs"] = recorded_intent_of(seen.run_id) is not None
     seen.context["release"]()
     wait_until(lambda: not _job_active(_migration_job(platform)), "the migration ends", 60)
-    again = reconcile(return_state=True).result()
+    again = reconciled()
     held["then reported as finished, intent cleared"] = (
         any("succeeded" in line for line in again["changed"].get(run, []))
         and recorded_intent_of(seen.run_id) is None
@@ -630,10 +630,9 @@ def test_sigkill_then_reconcile(clean: Any, kube: Any, case: Case) -> None:
             run_id = run_until_killed(
                 case.module, case.flow, case.runbook, case.step, case.parameters, case.approve
             )
-            state = reconcile(return_state=True)
-            assert state.is_completed(), state.message
-            freed = state.result()["freed_locks"]
-            seen = Seen("SIGKILL + reconcile", run_id, state.result(), context)
+            result = reconciled()
+            freed = result["freed_locks"]
+            seen = Seen("SIGKILL + reconcile", run_id, result, context)
             held = _invariants(platform, kube, case, before, seen)
             # Read before any lease could expire: reconcile freed them (a migration's only
             # once its Job ended: its case's checks run the second reconcile that does).

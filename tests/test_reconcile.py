@@ -10,7 +10,6 @@ from prefect.flow_runs import resume_flow_run
 
 from flows.backup import backup
 from flows.maintenance_window import maintenance_window
-from flows.reconcile import reconcile
 from runbook.decisions.maintenance import WINDOW_ANNOTATION
 from tests.backup_helpers import clear_backups, databases, drop_databases_like, query, replicas
 from tests.helpers import start_in_thread, wait_for_paused_run
@@ -18,6 +17,7 @@ from tests.reconcile_helpers import (
     APPROVE,
     clear_all_intents,
     free_leaked_locks,
+    reconciled,
     recorded_intent_of,
     run_until_killed,
 )
@@ -33,12 +33,6 @@ def clean(platform, kube):
     clear_all_intents()
     yield platform
     clear_all_intents()
-
-
-def reconciled() -> dict:
-    state = reconcile(return_state=True)
-    assert state.is_completed(), state.message
-    return state.result()
 
 
 def maintenance_env(kube) -> str:

@@ -23,7 +23,6 @@ from prefect.events.schemas.automations import Posture
 from prefect.flow_runs import resume_flow_run
 
 from deployments.catalog import deployment_triggers, load_catalog
-from flows.reconcile import reconcile
 from runbook.settings import PlatformSettings
 from tasks.intent import read_last_heartbeats
 from tasks.locks import exclusive, list_lease_records
@@ -33,6 +32,7 @@ from tests.reconcile_helpers import (
     HEARTBEATS,
     clear_all_intents,
     free_leaked_locks,
+    reconciled,
     recorded_intent_of,
     run_until_killed,
     start_in_process,
@@ -51,12 +51,6 @@ def clean(platform, kube, monkeypatch):
     clear_all_intents()
     yield platform
     clear_all_intents()
-
-
-def reconciled() -> dict:
-    state = reconcile(return_state=True)
-    assert state.is_completed(), state.message
-    return state.result()
 
 
 def last_heartbeat(run_id: UUID, timeout: float = 60) -> dt.datetime:

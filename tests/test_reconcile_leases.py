@@ -28,9 +28,8 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.reconcile import reconcile
 from tasks.locks import exclusive, list_lease_records, lock_name
-from tests.reconcile_helpers import run_until_killed
+from tests.reconcile_helpers import reconciled, run_until_killed
 from tests.release_helpers import wait_until
 from tests.test_fault_matrix import MIGRATE, _job_active, _migration_blocked, _migration_job
 from tests.test_lock_persistence import MEMORY_LEASES, PrefectServer
@@ -61,12 +60,6 @@ def clean(platform: Any, kube: Any) -> Iterator[Any]:
     finally:
         server.stop()
         shutil.rmtree(home, ignore_errors=True)
-
-
-def reconciled() -> dict[str, Any]:
-    state = reconcile(return_state=True)
-    assert state.is_completed(), state.message
-    return dict(state.result())
 
 
 def active_slots(target: str) -> int:
