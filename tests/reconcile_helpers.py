@@ -146,3 +146,18 @@ def reconciled(timeout: float = 120) -> dict[str, Any]:
             return result
         assert time.monotonic() < give_up, f"reconcile skipped for {timeout:g}s: {result}"
         time.sleep(0.5)
+
+
+def held_locks(targets: tuple[str, ...]) -> list[str]:
+    """The targets whose lock has a slot taken now (read from the server: taking it to
+    find out could itself leave a slot behind)."""
+    held = []
+    with get_client(sync_client=True) as prefect_api:
+        for target in targets:
+            try:
+                limit = prefect_api.read_global_concurrency_limit_by_name(lock_name(target))
+            except ObjectNotFound:
+                continue  # never taken
+            if limit.active_slots:
+                held.append(target)
+    return held

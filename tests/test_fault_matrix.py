@@ -41,7 +41,6 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import FlowRunSort
-from prefect.exceptions import ObjectNotFound
 from prefect.flow_runs import resume_flow_run
 from prefect.settings import PREFECT_API_URL
 from psycopg import sql
@@ -59,13 +58,13 @@ from sandbox.platform import (
 )
 from tasks import kubernetes as k8s
 from tasks.intent import list_intents
-from tasks.locks import lock_name
 from tests.backup_helpers import clear_backups, databases, drop_databases_like, query, uploads
 from tests.helpers import wait_for_paused_run
 from tests.reconcile_helpers import (
     APPROVE,
     clear_all_intents,
     free_leaked_locks,
+    held_locks,
     reconciled,
     recorded_intent_of,
     run_until_killed,
@@ -260,7 +259,7 @@ def _running_job_reported(platform: Any, seen: Seen) -> dict[str, bool]:
         problems = seen.reconciled["problems"].get(run) or []
         held["reconcile reports the running job"] = any("still running" in p for p in problems)
         # No backup or restore may start on the database under a running migration.
-        held["database lock kept while the job runs"] = _held_locks(MIGRATION_LOCKS) != []
+        held["database lock kept while the job runs"] = held_locks(MIGRATION_LOCKS) != []
     held["intent kept while the job runs"] = recorded_intent_of(seen.run_id) is not None
     seen.context["release"]()
     wait_until(lambda: not _job_active(_migration_job(platform)), "the migration ends", 60)
@@ -270,7 +269,7 @@ def _running_job_reported(platform: Any, seen: Seen) -> dict[str, bool]:
         and recorded_intent_of(seen.run_id) is None
     )
     if seen.reconciled is not None:
-        held["then the lock freed"] = _held_locks(MIGRATION_LOCKS) == []
+        held["then the lock freed"] = held_locks(MIGRATION_LOCKS) == []
     held["no job deleted"] = not _job_deleted_by_anyone(platform)
     return held
 
@@ -483,19 +482,6 @@ def _users(platform: Any) -> int | None:
         return None
 
 
-def _held_locks(targets: tuple[str, ...]) -> list[str]:
-    held = []
-    with get_client(sync_client=True) as prefect_api:
-        for target in targets:
-            try:
-                limit = prefect_api.read_global_concurrency_limit_by_name(lock_name(target))
-            except ObjectNotFound:
-                continue  # never taken
-            if limit.active_slots:
-                held.append(target)
-    return held
-
-
 @dataclass
 class Baseline:
     replicas: dict[str, int]
@@ -636,7 +622,7 @@ def test_sigkill_then_reconcile(clean: Any, kube: Any, case: Case) -> None:
             held = _invariants(platform, kube, case, before, seen)
             # Read before any lease could expire: reconcile freed them (a migration's only
             # once its Job ended: its case's checks run the second reconcile that does).
-            leaked = _held_locks(case.locks)
+            leaked = held_locks(case.locks)
             held["locks free"] = leaked == []
         finally:
             free_leaked_locks(*case.locks)  # only after a cell that did not hold
@@ -697,7 +683,7 @@ def test_sigterm_runs_the_runbooks_own_undo(clean: Any, kube: Any, case: Case) -
             assert final not in (StateType.RUNNING, StateType.COMPLETED, StateType.PAUSED), final
             seen = Seen("SIGTERM (own undo)", run_id, None, context)
             held = _invariants(platform, kube, case, before, seen)
-            held["locks free"] = _held_locks(case.locks) == []
+            held["locks free"] = held_locks(case.locks) == []
         finally:
             free_leaked_locks(*case.locks)
     _record(

@@ -32,6 +32,7 @@ from tests.reconcile_helpers import (
     HEARTBEATS,
     clear_all_intents,
     free_leaked_locks,
+    held_locks,
     reconciled,
     recorded_intent_of,
     run_until_killed,
@@ -165,7 +166,7 @@ def test_a_live_runs_lock_is_never_freed(clean):
         outcome = reconciled()
 
         assert outcome["freed_locks"] == []
-        assert not lock_taken_at_once("deployment/lock-probe")
+        assert held_locks(("deployment/lock-probe",)) == ["deployment/lock-probe"]
         assert held in list_lease_records.fn()
     finally:
         LET_GO.set()
