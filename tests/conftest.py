@@ -136,7 +136,10 @@ def kube(platform: Sandbox) -> Iterator[Any]:
         platform.kube.rollout_delay, platform.kube.job_delay = delays
 
 
-RUNS_NEAR_THE_END = ("test_drills_e2e.py", "test_lost_node_e2e.py", "test_reconcile_leases.py")
+RUNS_NEAR_THE_END = ("test_drills_e2e.py", "test_lost_node_e2e.py")
+# Runs its reconciles against the served session's `reconcile` lock: first, before any
+# test's crashed run has started a served reconcile that could hold it for minutes.
+RUNS_FIRST = ("test_reconcile_leases.py",)
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: Any, items: list[Any]) -> None:
@@ -149,6 +152,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: Any, items: l
     def place(item: Any) -> int:
         if item.name == RUNS_LAST:
             return 2
+        if item.path.name in RUNS_FIRST:
+            return -1
         return 1 if item.path.name in RUNS_NEAR_THE_END else 0
 
     items.sort(key=place)
