@@ -15,10 +15,12 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+from prefect._internal.concurrency.services import _QueueServiceBase
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -84,6 +86,21 @@ class PrefectServer:
         self.stop()
         self.start()
 
+    @contextmanager
+    def pointed_at(self) -> Iterator[None]:
+        """This process's Prefect client points at this server while inside.
+
+        Prefect's in-process services (lock acquisition per lock name, events, API logs)
+        keep the client they were started with for the life of the process: left running,
+        a later test's `exclusive("database/…")` would still talk to this server after it
+        stopped. They are drained on the way out, while the server still answers, and
+        start afresh against the session's server on their next use."""
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: self.url}):
+                yield
+        finally:
+            _QueueServiceBase.drain_all(timeout=30)
+
 
 @pytest.fixture
 def own_server(sandbox: Sandbox) -> Iterator[Callable[[str], PrefectServer]]:
@@ -121,7 +138,7 @@ def test_a_held_lock_survives_a_server_restart_with_redis_leases(own_server):
     server = own_server(REDIS_LEASES)
     target = f"deployment/restart-{uuid.uuid4().hex[:8]}"
 
-    with temporary_settings(updates={PREFECT_API_URL: server.url}):
+    with server.pointed_at():
         with exclusive(target) as lock:
             assert _active_slots(target) == 1
             server.restart()
@@ -142,7 +159,7 @@ def test_with_memory_leases_a_restart_loses_the_lease_and_leaks_the_slot(own_ser
     server = own_server(MEMORY_LEASES)
     target = f"deployment/restart-{uuid.uuid4().hex[:8]}"
 
-    with temporary_settings(updates={PREFECT_API_URL: server.url}):
+    with server.pointed_at():
         with pytest.raises(LockLost, match="was revoked or expired"), exclusive(target) as lock:
             server.restart()
             lock.ensure_held()

@@ -26,7 +26,6 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.exceptions import ObjectAlreadyExists
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tasks.locks import exclusive, list_lease_records, lock_name
 from tests.reconcile_helpers import reconciled, run_until_killed
@@ -55,7 +54,7 @@ def clean(platform: Any, kube: Any) -> Iterator[Any]:
     )
     server.start()
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.url}):
+        with server.pointed_at():
             yield platform
     finally:
         server.stop()
