@@ -23,7 +23,11 @@ COPY flows/ flows/
 COPY tasks/ tasks/
 COPY runbook/ runbook/
 COPY deployments/ deployments/
-RUN python -m compileall -q flows tasks runbook deployments
+# The alert bridge (`python -m bridge`, deploy/kubernetes/alert-bridge.yaml) and the alert
+# rules it accepts; incident-response also reads the rules for the alert's own query.
+COPY bridge/ bridge/
+COPY monitoring/rules/ monitoring/rules/
+RUN python -m compileall -q flows tasks runbook deployments bridge
 
 # No root at run time; the flow-run Job's securityContext asks for this uid.
 RUN useradd --uid 10001 --no-create-home --home-dir /opt/runbooks runbooks

@@ -14,6 +14,7 @@ import re
 import shlex
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -21,7 +22,10 @@ from jsonschema import Draft7Validator
 from prefect.utilities.templating import apply_values, find_placeholders
 from pydantic import SecretStr
 
+from bridge.app import RULES_DIR, BridgeSettings
 from runbook.settings import ENV_PREFIX, PlatformSettings
+from sandbox.services.alertmanager import ALERTMANAGER_CONFIG
+from tasks.prometheus import ALERT_RULES_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -66,8 +70,17 @@ def test_image_copies_only_what_exists_and_puts_the_code_where_prefect_yaml_pull
     copied = {
         Path(s).parts[0] for op, a in instructions if op == "COPY" for s in shlex.split(a)[:-1]
     }
-    # Every package a flow imports from is in the image (import-linter's root packages).
-    assert {"flows", "tasks", "runbook", "deployments", "requirements.lock"} <= copied
+    # Every package a flow imports from is in the image (import-linter's root packages),
+    # and the alert bridge.
+    assert {"flows", "tasks", "runbook", "deployments", "bridge", "requirements.lock"} <= copied
+
+
+def test_image_holds_the_files_the_code_reads_at_run_time():
+    """The rules directory is read, not imported: without it the bridge refuses to start
+    and incident-response cannot check the alert's own query."""
+    copied = {shlex.split(args)[-1].rstrip("/") for op, args in _dockerfile() if op == "COPY"}
+    for read in (ALERT_RULES_DIR, RULES_DIR):
+        assert read.relative_to(ROOT).as_posix() in copied, f"{read} is not in the image"
 
 
 def test_image_installs_exactly_the_lock_with_the_python_the_project_requires():
@@ -222,3 +235,44 @@ def test_flow_run_jobs_send_heartbeats_so_a_lost_node_is_found():
     # whose node is lost stays Running and reconcile's heartbeat trigger never fires.
     env = _template()["variables"]["properties"]["env"]["default"]
     assert env == {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+
+
+# --- alerts: Alertmanager → the alert bridge → Prefect ---------------------------------
+
+
+def test_alertmanager_posts_to_the_bridges_service_and_the_bridge_to_the_workers_server(
+    monkeypatch,
+):
+    bridge = _yaml_docs(DEPLOY / "kubernetes" / "alert-bridge.yaml")
+    service, deployment = bridge["Service"], bridge["Deployment"]
+    [receiver] = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())["receivers"]
+    [webhook] = receiver["webhook_configs"]
+    url = urlsplit(webhook["url"])
+    [port] = service["spec"]["ports"]
+    name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
+    assert url.hostname == f"{name}.{namespace}.svc.cluster.local"
+    assert (url.port, url.path) == (port["port"], "/alertmanager")  # bridge/app.py's route
+
+    pod = deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    [container] = pod["containers"]
+    assert container["command"] == ["python", "-m", "bridge"]
+    [listening] = [p for p in container["ports"] if p["name"] == port["targetPort"]]
+    env = {e["name"]: e for e in container["env"]}
+    for variable in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, entry in env.items():
+        monkeypatch.setenv(variable, entry.get("value", "from the secret"))
+    settings = BridgeSettings()
+    assert settings.port == listening["containerPort"] and settings.host == "0.0.0.0"
+    assert settings.prefect_api_auth_string is not None
+
+    # The same server, credential and image as the worker and its flow runs.
+    worker = yaml.safe_load((DEPLOY / "helm" / "prefect-worker.values.yaml").read_text())
+    server = worker["worker"]["selfHostedServerApiConfig"]
+    assert str(settings.prefect_api_url) == server["apiUrl"]
+    secret = env["PREFECT_API_AUTH_STRING"]["valueFrom"]["secretKeyRef"]
+    assert secret["name"] == server["basicAuth"]["existingSecret"]
+    image = _template()["variables"]["properties"]["image"]["default"]
+    assert container["image"] == image
+    assert pod["securityContext"]["runAsNonRoot"] is True
