@@ -18,16 +18,24 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import yaml
-from pydantic import AliasChoices, AnyHttpUrl, Field, SecretStr, ValidationError
+from pydantic import (
+    AliasChoices,
+    AnyHttpUrl,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -57,8 +65,26 @@ class BridgeSettings(BaseSettings):
     prefect_api_key: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices("ALERT_BRIDGE_PREFECT_API_KEY", "PREFECT_API_KEY"),
-        description="Bearer token for a Prefect API behind authentication.",
+        description="Bearer token for a Prefect API behind authentication (Prefect Cloud).",
     )
+    prefect_api_auth_string: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "ALERT_BRIDGE_PREFECT_API_AUTH_STRING", "PREFECT_API_AUTH_STRING"
+        ),
+        description="`user:password` for a self-hosted server's basic auth "
+        "(its PREFECT_SERVER_API_AUTH_STRING), as Prefect's own client sends it.",
+    )
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> Self:
+        if self.prefect_api_key is not None and self.prefect_api_auth_string is not None:
+            raise ValueError(
+                "set prefect_api_key (Prefect Cloud) or prefect_api_auth_string "
+                "(self-hosted basic auth), not both"
+            )
+        return self
+
     max_body_bytes: int = Field(
         default=1024 * 1024,
         ge=1024,
@@ -109,15 +135,22 @@ def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
+def _authorization(settings: BridgeSettings) -> dict[str, str]:
+    if settings.prefect_api_key is not None:
+        return {"Authorization": f"Bearer {settings.prefect_api_key.get_secret_value()}"}
+    if settings.prefect_api_auth_string is not None:
+        encoded = base64.b64encode(settings.prefect_api_auth_string.get_secret_value().encode())
+        return {"Authorization": f"Basic {encoded.decode()}"}
+    return {}
+
+
 def create_app(
     settings: BridgeSettings | None = None, runbooks: Mapping[str, str] | None = None
 ) -> Starlette:
     settings = settings or BridgeSettings()
     known = dict(runbooks) if runbooks is not None else load_runbooks(settings.rules_dir)
     events_url = f"{str(settings.prefect_api_url).rstrip('/')}/events"
-    headers = {}
-    if settings.prefect_api_key is not None:
-        headers["Authorization"] = f"Bearer {settings.prefect_api_key.get_secret_value()}"
+    headers = _authorization(settings)
 
     async def receive_webhook(request: Request) -> JSONResponse:
         # 1. Read at most max_body_bytes.

@@ -91,10 +91,12 @@ def running_bridge(prefect_api_url: str, **env: str) -> Iterator[str]:
         process.wait(timeout=10)
 
 
-def alert_events_of(api_url: str, group_key: str) -> list[dict[str, Any]]:
+def alert_events_of(
+    api_url: str, group_key: str, auth: tuple[str, str] | None = None
+) -> list[dict[str, Any]]:
     """The Prefect events recorded for one alert group, oldest first."""
     now = dt.datetime.now(dt.UTC)
-    with prefect_rest(api_url) as api:
+    with prefect_rest(api_url, auth) as api:
         response = api.post(
             "/events/filter",
             json={
@@ -114,12 +116,16 @@ def alert_events_of(api_url: str, group_key: str) -> list[dict[str, Any]]:
 
 
 def wait_for_alert_events(
-    api_url: str, group_key: str, count: int, timeout: float = 30
+    api_url: str,
+    group_key: str,
+    count: int,
+    timeout: float = 30,
+    auth: tuple[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Events are stored asynchronously after `POST /api/events`: wait for `count`."""
     give_up = time.monotonic() + timeout
     while True:
-        events = alert_events_of(api_url, group_key)
+        events = alert_events_of(api_url, group_key, auth)
         if len(events) >= count or time.monotonic() > give_up:
             return events
         time.sleep(0.2)

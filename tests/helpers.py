@@ -93,6 +93,7 @@ class RetryOn503(httpx.HTTPTransport):
         raise AssertionError("unreachable")
 
 
-def prefect_rest(api_url: str) -> httpx.Client:
-    """An HTTP client for Prefect's REST API, as an operator's script would use it."""
-    return httpx.Client(base_url=api_url, timeout=30, transport=RetryOn503())
+def prefect_rest(api_url: str, auth: tuple[str, str] | None = None) -> httpx.Client:
+    """An HTTP client for Prefect's REST API, as an operator's script would use it (with
+    `auth`, through a server's basic auth)."""
+    return httpx.Client(base_url=api_url, timeout=30, transport=RetryOn503(), auth=auth)

@@ -22,6 +22,7 @@ from tests.alert_helpers import (
     webhook,
     webhook_alert,
 )
+from tests.prefect_servers import PrefectServer
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +166,28 @@ def test_prefect_unreachable_is_503_so_alertmanager_retries() -> None:
 
     assert response.status_code == 503
     assert "Prefect unreachable" in response.json()["error"]
+
+
+@pytest.mark.slow
+def test_behind_basic_auth_the_bridge_sends_the_servers_credential(tmp_path) -> None:
+    """A self-hosted server with PREFECT_SERVER_API_AUTH_STRING (production's, README
+    "Production"): without the credential Prefect answers 401, which retrying cannot
+    mend (502); with PREFECT_API_AUTH_STRING, as Prefect's own client sends it, the
+    event is recorded."""
+    user, password = "alertbridge", "s3cret-for-this-test"
+    server = PrefectServer(tmp_path, {"PREFECT_SERVER_API_AUTH_STRING": f"{user}:{password}"})
+    server.start()
+    try:
+        group = _group()
+        with running_bridge(server.url) as bridge:
+            refused = _post(bridge, webhook(group, webhook_alert()))
+        with running_bridge(server.url, PREFECT_API_AUTH_STRING=f"{user}:{password}") as bridge:
+            accepted = _post(bridge, webhook(group, webhook_alert()))
+        events = wait_for_alert_events(server.url, group, 1, auth=(user, password))
+    finally:
+        server.stop()
+
+    assert refused.status_code == 502 and "(401)" in refused.json()["error"]
+    assert accepted.status_code == 200
+    assert [e["event"] for e in events] == ["complianceagent.alert.firing"]
+    assert password not in refused.text + accepted.text

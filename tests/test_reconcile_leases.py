@@ -28,10 +28,11 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.exceptions import ObjectAlreadyExists
 
 from tasks.locks import exclusive, list_lease_records, lock_name
+from tests.prefect_servers import PrefectServer
 from tests.reconcile_helpers import reconciled, run_until_killed
 from tests.release_helpers import wait_until
 from tests.test_fault_matrix import MIGRATE, _job_active, _migration_blocked, _migration_job
-from tests.test_lock_persistence import MEMORY_LEASES, PrefectServer
+from tests.test_lock_persistence import MEMORY_LEASES
 
 pytestmark = pytest.mark.slow
 
