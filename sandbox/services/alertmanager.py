@@ -1,10 +1,12 @@
 """A real Prometheus Alertmanager (Debian's `prometheus-alertmanager`) on a free loopback
-port, clustering off, state in a temporary directory.
+port, clustering off, state in a temporary directory, configured by the platform's own
+monitoring/alertmanager.yml.
 
 The platform's alerts are routed through it; runbooks silence them for a planned
 maintenance window (`POST /api/v2/silences`, `DELETE /api/v2/silence/{id}`). With a
 `webhook_url` it delivers each alert group there (the alert bridge), grouped by alertname,
-after `group_wait` (short in the sandbox, so an alert reaches Prefect in seconds).
+after `group_wait` (short in the sandbox, so an alert reaches Prefect in seconds); a
+critical alert mutes the warning of the same metric.
 """
 
 from __future__ import annotations
@@ -20,36 +22,26 @@ from .base import LOOPBACK, SandboxDependencyError, ServerProcess
 
 ALERTMANAGER_BINARIES = ("/usr/bin/prometheus-alertmanager", "/usr/local/bin/alertmanager")
 
-# Alerts go nowhere in the sandbox: a receiver with no integrations.
-_CONFIG = """\
-route:
-  receiver: sandbox
-receivers:
-  - name: sandbox
-"""
+# The platform's Alertmanager configuration: its route, receiver and inhibit rules.
+ALERTMANAGER_CONFIG = Path(__file__).resolve().parents[2] / "monitoring" / "alertmanager.yml"
 
 
 def alertmanager_config(
     webhook_url: str | None, *, group_wait: str, group_interval: str, repeat_interval: str
 ) -> str:
-    """Route every alert, grouped by alertname, to the webhook (or nowhere without one)."""
+    """monitoring/alertmanager.yml as production runs it (grouping, inhibit rules), with
+    the webhook pointed at `webhook_url` — or at nothing without one — and the sandbox's
+    timings."""
+    config: dict[str, Any] = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+    config["route"].update(
+        group_wait=group_wait, group_interval=group_interval, repeat_interval=repeat_interval
+    )
+    [receiver] = config["receivers"]
     if webhook_url is None:
-        return _CONFIG
-    config: dict[str, Any] = {
-        "route": {
-            "receiver": "alert-bridge",
-            "group_by": ["alertname"],
-            "group_wait": group_wait,
-            "group_interval": group_interval,
-            "repeat_interval": repeat_interval,
-        },
-        "receivers": [
-            {
-                "name": "alert-bridge",
-                "webhook_configs": [{"url": webhook_url, "send_resolved": True}],
-            }
-        ],
-    }
+        receiver.pop("webhook_configs")
+    else:
+        [webhook] = receiver["webhook_configs"]
+        webhook["url"] = webhook_url
     return yaml.safe_dump(config, sort_keys=False)
 
 
