@@ -18,6 +18,9 @@ Guarantees:
   dead run's change is still under way (a migration Job running), its leases are renewed
   each time reconcile runs (`RUNBOOK_RECONCILE_LEASE_SECONDS`, longer than its period):
   the database stays locked for as long as the Job runs, however long past the expiry.
+  If the lease lapsed anyway (reconcile was down past its expiry), it takes the lock
+  again for the Job, or, when another run took it first, reports that in chat (never
+  takes it from that run).
 - Never touches what a live run owns: an intent is acted on only when its run is in a
   terminal state (Crashed, Cancelled, Failed, Completed) or gone from the server, and no
   live run has recorded an intent on one of the same targets since.
@@ -86,7 +89,7 @@ from tasks.kubernetes import (
     set_deployment_env,
     wait_for_rollout,
 )
-from tasks.locks import exclusive, free_lease, list_lease_records, renew_lease
+from tasks.locks import exclusive, free_lease, list_lease_records, renew_lease, retake_lease
 from tasks.notify import announce, update_status_page
 from tasks.postgres import allow_connections, drop_database, read_database_sizes
 from tasks.postgres_roles import alter_role_password
@@ -192,17 +195,25 @@ def _crash_silent_runs(states: dict[str, str | None]) -> dict[str, str]:
 
 
 def _renew_under_way(leases: Sequence[LeaseRecord]) -> tuple[list[str], dict[str, str]]:
-    """Renew each lease; (renewed, lock → why it could not be: already expired)."""
+    """Keep each lock held while its run's change is under way: renew the lease, or take
+    the lock again when the lease already lapsed (reconcile was down past its expiry).
+    Returns (held on, lock → why not: another run took it meanwhile)."""
     seconds = load_settings().reconcile_lease_seconds
-    renewed, lapsed = [], {}
+    held, lapsed = [], {}
     for lease in leases:
         lock = f"{lease.target} (run {lease.run_id})"
-        why = renew_lease(lease, seconds)
-        if why is None:
-            renewed.append(lock)
+        gone = renew_lease(lease, seconds)
+        if gone is None:
+            held.append(lock)
+        elif retake_lease(lease, seconds) is not None:
+            held.append(lock)
+            get_run_logger().warning("%s: %s; the lock was free and is taken again", lock, gone)
         else:
-            lapsed[lock] = f"{why}: unlocked while the run's change is still under way"
-    return sorted(renewed), lapsed
+            lapsed[lock] = (
+                f"{gone}, and another run has taken the lock since: it may act on "
+                "the target while this run's change is still under way"
+            )
+    return sorted(held), lapsed
 
 
 def _repair(intent: Intent) -> Repair:

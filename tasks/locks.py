@@ -278,6 +278,37 @@ def renew_lease(record: LeaseRecord, seconds: float) -> str | None:
     return _renew_lease_id(UUID(record.lease_id), seconds)
 
 
+@task(task_run_name="retake lapsed lock of {record.target}")
+def retake_lease(record: LeaseRecord, seconds: float) -> LeaseRecord | None:
+    """`POST /api/v2/concurrency_limits/increment-with-lease`, at once or not at all: take
+    the lock again, for `seconds`, on behalf of a dead run whose lease lapsed while its
+    change is still under way (a migration Job still running). Returns the new record
+    (the old one deleted), or None when another run has taken the lock meanwhile.
+
+    No retries: a retry after a grant whose answer was lost would find the lock taken (by
+    that unrecorded grant, which expires by itself) and report it as another run's."""
+    holder = ConcurrencyLeaseHolder(type="flow_run", id=UUID(record.run_id))
+    try:
+        with get_client(sync_client=True) as prefect_api:
+            response = prefect_api.increment_concurrency_slots_with_lease(
+                names=[lock_name(record.target)],
+                slots=1,
+                mode="concurrency",
+                lease_duration=seconds,
+                holder=holder,
+            )
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code == 423:  # no slot: another run holds the lock
+            return None
+        raise
+    retaken = LeaseRecord(str(response.json()["lease_id"]), record.run_id, record.target)
+    _record_lease(
+        _Lease(record.target, lock_name(record.target), UUID(retaken.lease_id), seconds), holder
+    )
+    _forget_lease(record.lease_id)
+    return retaken
+
+
 @contextmanager
 def _hold(target: str, wait_seconds: float) -> Iterator[_Lease]:
     name = lock_name(target)

@@ -1,7 +1,9 @@
 """A migration Job outlives its run, and its lock must too: a killed migration whose Job is
 still running keeps the database locked for as long as the Job runs (reconcile renews the
-dead run's lease each time it runs), not only until Prefect's lease expiry; once the Job
-ended, the next reconcile frees it.
+dead run's lease each time it runs), not only until Prefect's lease expiry; if the lease
+lapsed anyway (reconcile down past its expiry), reconcile takes the lock again for the Job
+unless another run took it first, which it reports; once the Job ended, the next
+reconcile frees it.
 
 The run's lease is shortened to Prefect's minimum (`RUNBOOK_LOCK_LEASE_SECONDS=60`) so the
 test outlives it in about a minute. When that expiry is past is not guessed: a control
@@ -21,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -69,7 +72,7 @@ def active_slots(target: str) -> int:
         )
 
 
-def take_unrenewed_lease(target: str, seconds: float) -> None:
+def take_unrenewed_lease(target: str, seconds: float) -> UUID:
     """A lease nobody renews, as a dead run's would be without reconcile."""
     name = lock_name(target)
     with get_client(sync_client=True) as prefect_api:
@@ -77,9 +80,21 @@ def take_unrenewed_lease(target: str, seconds: float) -> None:
             prefect_api.create_global_concurrency_limit(
                 GlobalConcurrencyLimitCreate(name=name, limit=1)
             )
-        prefect_api.increment_concurrency_slots_with_lease(
+        response = prefect_api.increment_concurrency_slots_with_lease(
             names=[name], slots=1, mode="concurrency", lease_duration=seconds
-        ).raise_for_status()
+        )
+    return UUID(response.json()["lease_id"])
+
+
+def end_lease(lease_id: UUID) -> None:
+    """The slot freed and the lease forgotten: what the server's repossessor does once a
+    lease is past its expiry, without waiting for it."""
+    with get_client(sync_client=True) as prefect_api:
+        prefect_api.release_concurrency_slots_with_lease(lease_id)
+
+
+def database_leases() -> list[Any]:
+    return [r for r in list_lease_records.fn() if r.target == DATABASE]
 
 
 def lock_taken_at_once(target: str) -> bool:
@@ -90,7 +105,7 @@ def lock_taken_at_once(target: str) -> bool:
         return False
 
 
-def test_a_killed_migrations_lock_is_held_while_its_job_runs_past_the_lease_expiry(clean, kube):
+def test_a_killed_migrations_lock_is_held_while_its_job_runs_even_past_a_lapse(clean, kube):
     platform = clean
     lock = f"{DATABASE} (run "
     with _migration_blocked(platform) as blocked:
@@ -122,7 +137,29 @@ def test_a_killed_migrations_lock_is_held_while_its_job_runs_past_the_lease_expi
         assert second["renewed_locks"] == [held]
         assert active_slots(DATABASE) == 1
         assert not lock_taken_at_once(DATABASE)  # a backup or restore would wait
-        assert [r.run_id for r in list_lease_records.fn() if r.target == DATABASE] == [str(run_id)]
+        [renewed_lease] = database_leases()
+        assert renewed_lease.run_id == str(run_id)
+
+        # The lease lapses (reconcile was down past its expiry) and another run takes the
+        # lock first: reported, never taken from it.
+        end_lease(UUID(renewed_lease.lease_id))
+        other = take_unrenewed_lease(DATABASE, LEASE_SECONDS)
+
+        taken = reconciled()
+
+        assert taken["renewed_locks"] == []
+        assert "another run has taken the lock" in taken["lapsed_locks"][held]
+
+        # That run ends; the Job still runs: the next reconcile takes the lock again for it.
+        end_lease(other)
+
+        retaken = reconciled()
+
+        assert retaken["renewed_locks"] == [held] and retaken["lapsed_locks"] == {}
+        assert active_slots(DATABASE) == 1
+        assert not lock_taken_at_once(DATABASE)
+        [new_lease] = database_leases()
+        assert new_lease.run_id == str(run_id) and new_lease.lease_id != renewed_lease.lease_id
 
         # The Job ends: the next reconcile reports it and frees the database.
         blocked["release"]()
@@ -134,4 +171,4 @@ def test_a_killed_migrations_lock_is_held_while_its_job_runs_past_the_lease_expi
     assert third["renewed_locks"] == []
     assert any("succeeded" in line for line in third["changed"][str(run_id)])
     assert lock_taken_at_once(DATABASE)
-    assert [r for r in list_lease_records.fn() if r.run_id == str(run_id)] == []
+    assert database_leases() == []
