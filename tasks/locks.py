@@ -42,9 +42,13 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, VariableCreate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 
-# Prefect's own acquisition (waits on 423 with Retry-After, honours the timeout, registers
-# the lease for cleanup) and release; the public `concurrency()` wraps exactly these but
-# hides the lease id that `ensure_held` needs. prefect is pinned (==3.9.1).
+# Prefect's own acquisition (one request per call here, see `_acquire`) and release; the
+# public `concurrency()` wraps exactly these but hides the lease id that `ensure_held`
+# needs. prefect is pinned (==3.9.1).
+from prefect.concurrency._asyncio import (
+    AcquireConcurrencySlotTimeoutError,
+    ConcurrencySlotAcquisitionError,
+)
 from prefect.concurrency._sync import (
     acquire_concurrency_slots_with_lease,
     release_concurrency_slots_with_lease,
@@ -309,6 +313,36 @@ def retake_lease(record: LeaseRecord, seconds: float) -> LeaseRecord | None:
     return retaken
 
 
+def _acquire(
+    name: str, wait_seconds: float, seconds: float, holder: ConcurrencyLeaseHolder | None
+) -> UUID:
+    """The lease of lock `name`, asked for one request at a time until `wait_seconds` are
+    over (waiting the server's Retry-After between two).
+
+    Not Prefect's own `timeout_seconds`: at the timeout it cancels the request in flight,
+    and a grant the server made just then holds the lock, recorded nowhere and renewed by
+    nobody, until its lease expires. Here a request always gets its answer; only between
+    requests does the wait end."""
+    give_up = time.monotonic() + wait_seconds
+    while True:
+        try:
+            granted = acquire_concurrency_slots_with_lease(
+                [name], 1, lease_duration=seconds, strict=True, holder=holder, max_retries=0
+            )
+            return granted.lease_id
+        except ConcurrencySlotAcquisitionError as exc:
+            taken = exc.__cause__
+            if not (isinstance(taken, httpx.HTTPStatusError) and taken.response.status_code == 423):
+                raise
+            retry_after = float(taken.response.headers.get("Retry-After", 1))
+        left = give_up - time.monotonic()
+        if left <= 0:
+            raise AcquireConcurrencySlotTimeoutError(
+                f"Taking lock {name} timed out after {wait_seconds:g} s: another run holds it"
+            )
+        time.sleep(min(retry_after, left))
+
+
 @contextmanager
 def _hold(target: str, wait_seconds: float) -> Iterator[_Lease]:
     name = lock_name(target)
@@ -316,15 +350,7 @@ def _hold(target: str, wait_seconds: float) -> Iterator[_Lease]:
     run_logger().info("Taking lock %s", name)
     holder = _holder()
     seconds = _lease_seconds()
-    granted = acquire_concurrency_slots_with_lease(
-        [name],
-        1,
-        timeout_seconds=wait_seconds,
-        lease_duration=seconds,
-        strict=True,
-        holder=holder,
-    )
-    lease = _Lease(target, name, granted.lease_id, seconds)
+    lease = _Lease(target, name, _acquire(name, wait_seconds, seconds, holder), seconds)
     try:
         _record_lease(lease, holder)
         problem = _limit_problem(name)

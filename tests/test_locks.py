@@ -69,6 +69,7 @@ def test_same_target_waits_for_the_holder(holder):
     started = time.monotonic()
     state = change("deployment/probe", wait_seconds=3, return_state=True)
     assert state.is_failed()  # could not get the lock while it was held
+    assert "timed out after 3 s: another run holds it" in str(state.message)
     assert time.monotonic() - started >= 3
 
     limit = _limit("deployment/probe")
@@ -77,6 +78,8 @@ def test_same_target_waits_for_the_holder(holder):
 
     RELEASE.set()
     assert change("deployment/probe", wait_seconds=60) == "changed deployment/probe"
+    # The wait that timed out left no grant behind: once both are done the lock is free.
+    assert _limit("deployment/probe").active_slots == 0
 
 
 def test_different_target_does_not_wait(holder):
