@@ -16,7 +16,9 @@ import httpx
 
 from deployments.catalog import PROJECT_ROOT
 from runbook.alert_events import RESOURCE_PREFIX
-from sandbox.services import free_port
+from sandbox.platform import ALERT_RULES, SANDBOX_RULE_CLOCK, Sandbox
+from sandbox.services import AlertmanagerServer, free_port
+from sandbox.services.prometheus import PrometheusServer
 from tests.helpers import prefect_rest
 
 
@@ -129,3 +131,21 @@ def wait_for_alert_events(
         if len(events) >= count or time.monotonic() > give_up:
             return events
         time.sleep(0.2)
+
+
+@contextmanager
+def monitoring(platform: Sandbox, bridge: str) -> Iterator[AlertmanagerServer]:
+    """A Prometheus scraping the sandbox's backend with the real rules on the sandbox's
+    clock, and an Alertmanager delivering to the bridge at `bridge`: a condition caused on
+    the backend becomes an alert event in Prefect."""
+    assert platform.backend is not None
+    with (
+        AlertmanagerServer(webhook_url=f"{bridge}/alertmanager") as alertmanager,
+        PrometheusServer(
+            targets={"backend": [platform.backend.url.removeprefix("http://")]},
+            rule_files=sorted(ALERT_RULES.glob("*.yml")),
+            alertmanager_url=alertmanager.url,
+            rule_clock=SANDBOX_RULE_CLOCK,
+        ),
+    ):
+        yield alertmanager

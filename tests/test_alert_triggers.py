@@ -24,10 +24,14 @@ from prefect.settings import PREFECT_API_URL
 
 from deployments.catalog import PREFECT_YAML, DeploymentSpec, to_runner_deployment
 from runbook.alert_events import FIRING, RESOLVED
-from sandbox.platform import ALERT_RULES, SANDBOX_RULE_CLOCK, Sandbox
-from sandbox.services import AlertmanagerServer
-from sandbox.services.prometheus import PrometheusServer
-from tests.alert_helpers import running_bridge, wait_for_alert_events, webhook, webhook_alert
+from sandbox.platform import Sandbox
+from tests.alert_helpers import (
+    monitoring,
+    running_bridge,
+    wait_for_alert_events,
+    webhook,
+    webhook_alert,
+)
 from tests.helpers import prefect_rest
 
 pytestmark = pytest.mark.slow
@@ -145,15 +149,7 @@ def test_forced_5xx_fires_high_error_rate_into_prefect(
     assert platform.backend is not None
     group = '{}:{alertname="HighErrorRate"}'
     stop = threading.Event()
-    with (
-        AlertmanagerServer(webhook_url=f"{bridge}/alertmanager") as alertmanager,
-        PrometheusServer(
-            targets={"backend": [platform.backend.url.removeprefix("http://")]},
-            rule_files=sorted(ALERT_RULES.glob("*.yml")),
-            alertmanager_url=alertmanager.url,
-            rule_clock=SANDBOX_RULE_CLOCK,
-        ),
-    ):
+    with monitoring(platform, bridge):
         traffic = threading.Thread(target=_traffic, args=(platform.backend.url, stop))
         traffic.start()
         try:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import redis
 
@@ -30,10 +31,8 @@ from deployments.catalog import load_catalog, to_runner_deployment
 from runbook.alert_events import FIRING, RESOLVED
 from runbook.decisions.incidents import incident_id
 from sandbox.drills import ALERTS
-from sandbox.platform import ALERT_RULES, SANDBOX_RULE_CLOCK, Sandbox
-from sandbox.services import AlertmanagerServer
-from sandbox.services.prometheus import PrometheusServer
-from tests.alert_helpers import alert_events_of, running_bridge
+from sandbox.platform import Sandbox
+from tests.alert_helpers import alert_events_of, monitoring, running_bridge
 from tests.helpers import prefect_rest
 from tests.test_served_e2e import _artifact, _start
 
@@ -64,16 +63,7 @@ def alerting(platform: Sandbox, served_api: str) -> Iterator[None]:
     # An earlier test's incident of these groups must not make ours a "late repeat".
     for group in ALL_GROUPS:
         release_incident(incident_id(group))
-    with (
-        running_bridge(served_api) as bridge,
-        AlertmanagerServer(webhook_url=f"{bridge}/alertmanager") as alertmanager,
-        PrometheusServer(
-            targets={"backend": [platform.backend.url.removeprefix("http://")]},
-            rule_files=sorted(ALERT_RULES.glob("*.yml")),
-            alertmanager_url=alertmanager.url,
-            rule_clock=SANDBOX_RULE_CLOCK,
-        ),
-    ):
+    with running_bridge(served_api) as bridge, monitoring(platform, bridge):
         to_runner_deployment(spec).apply()
         try:
             yield
@@ -120,7 +110,12 @@ def _form_description(api: httpx.Client, run: dict[str, Any]) -> str:
 class Case:
     issue: str
     check_diagnosis: Callable[[str], None]  # asserts the cause in `diagnosis-<issue>`
-    approve: bool = False  # approve the diagnosis's remediation in its run's form
+    # Approve the diagnosis's remediation in its run's form; then, once the diagnosis
+    # run is over and while the drill still holds its condition, `observe` reads the
+    # real system (what the drill's own undo would otherwise have done by the end).
+    approve: bool = False
+    observe: Callable[[Sandbox], Any] | None = None
+    hold_seconds: int = 15
 
 
 def _number(pattern: str, text: str) -> float:
@@ -178,9 +173,21 @@ def _backlog_found(artifact: str) -> None:
     assert "1500 tasks waiting" in artifact
 
 
+def _held_sessions(platform: Sandbox) -> int:
+    """The drill's idle sessions PostgreSQL still has."""
+    with psycopg.connect(platform.postgres.admin_dsn, autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'held-idle'"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 CASES = [
     Case("latency", _latency_found),
-    Case("connections", _connections_found),
+    # Held 40 s: the approved termination must be what ends the sessions, long before the
+    # drill would close them itself.
+    Case("connections", _connections_found, approve=True, observe=_held_sessions, hold_seconds=40),
     Case("redis-memory", _redis_found),
     Case("queue-backlog", _backlog_found, approve=True),
 ]
@@ -202,7 +209,7 @@ def test_drill_alert_to_incident_to_diagnosis_to_resolution(
                 {
                     "issue": case.issue,
                     "detect_timeout_seconds": 60,
-                    "hold_seconds": 15,
+                    "hold_seconds": case.hold_seconds,
                     "recover_timeout_seconds": 90,
                 },
             )
@@ -212,7 +219,7 @@ def test_drill_alert_to_incident_to_diagnosis_to_resolution(
 
         # The newcomer follows: acknowledges each incident the drill's alerts open and,
         # for the backlog, approves the diagnosis's proposal in its run's form.
-        give_up = time.monotonic() + 110
+        give_up = time.monotonic() + 160 + case.hold_seconds
         while True:
             drill = api.get(f"/flow_runs/{drill_run['id']}").raise_for_status().json()
             if drill["state"]["type"] in FINAL:
@@ -235,11 +242,16 @@ def test_drill_alert_to_incident_to_diagnosis_to_resolution(
                                 "run_input": {
                                     "approve": True,
                                     "approver": NEWCOMER,
-                                    "reason": "drill: backlog over 1000",
+                                    "reason": f"drill: {case.issue}",
                                 }
                             },
                         ).raise_for_status()
                         break
+            if approved and case.observe and "observed" not in approved:
+                diagnosis = api.get(f"/flow_runs/{approved['run']['id']}").json()
+                if diagnosis["state"]["type"] in FINAL:
+                    approved["observed"] = case.observe(platform)
+                    approved["drill_state"] = drill["state"]["type"]
             time.sleep(0.3)
         assert drill["state"]["type"] == "COMPLETED", drill["state"]["message"]
         report = str(_artifact(api, drill_run["id"], "drill-report"))
@@ -276,8 +288,10 @@ def test_drill_alert_to_incident_to_diagnosis_to_resolution(
     detect = _seconds(report, "time to detect")
     recover = _seconds(report, "time to recover")
     assert 0 < detect < recover, report
-    if case.approve:
+    if case.issue == "queue-backlog":
         _remediation_was_carried_out(platform, kube, approved, post_mortem, workers_before)
+    elif case.issue == "connections":
+        _sessions_were_ended(approved, post_mortem)
     else:
         assert "No mitigation carried out" in post_mortem
         assert _replicas(kube, "celery-workers") == workers_before
@@ -286,7 +300,19 @@ def test_drill_alert_to_incident_to_diagnosis_to_resolution(
         f"test {took:.0f} s ({len(incidents)} incident(s): "
         f"{', '.join(r['parameters']['alertname'] for r in incidents)})"
     )
-    assert took < 120
+
+
+def _sessions_were_ended(approved: dict[str, Any], post_mortem: str) -> None:
+    """The approved termination ended every held session while the drill still held
+    them, and the post-mortem records it with its approver."""
+    assert approved, "the diagnosis never paused for its remediation"
+    plan = approved["plan"]
+    ended = int(_number(r"End (\d+) sessions idle", plan))
+    assert ended >= 18, plan
+    assert approved["drill_state"] == "RUNNING"  # still holding its sessions
+    assert approved["observed"] == 0  # and PostgreSQL has none of them left
+    assert f"Mitigation: End {ended} sessions idle" in post_mortem, post_mortem
+    assert f"approved by {NEWCOMER}" in post_mortem
 
 
 def _remediation_was_carried_out(

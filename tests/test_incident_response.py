@@ -7,6 +7,9 @@ import datetime as dt
 import json
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -373,6 +376,41 @@ def test_resolution_is_verified_by_the_alerts_own_query_in_prometheus(
     )
 
 
+@dataclass(frozen=True)
+class BacklogIncident:
+    group: str
+    started: float
+    run: Any  # the incident-response run, in a thread
+    diagnosis: Any  # the served diagnose-queue-backlog run, paused at its remediation
+    paused: Any  # incident-response, paused for its acknowledgement
+
+
+@contextmanager
+def backlog_incident(sandbox: Sandbox, fingerprint: str) -> Iterator[BacklogIncident]:
+    """A real backlog on the broker's list (1500 Celery messages, 15 workers wanted) and
+    its QueueBacklogHigh incident, once the diagnosis it started waits for a decision on
+    scaling and the incident for its acknowledgement. The backlog goes on the way out."""
+    group = f'{{}}:{{alertname="QueueBacklogHigh", test="{uuid.uuid4()}"}}'
+    backlog = conditions.push_celery_backlog(sandbox.redis.url, 0, count=1500)
+    try:
+        started = time.time()
+        run = start_in_thread(
+            incident_response,
+            alertname="QueueBacklogHigh",
+            severity="warning",
+            labels={"runbook": "diagnose-queue-backlog", "queue": "celery"},
+            summary="Celery queue celery above 1000 messages",
+            fingerprint=fingerprint,
+            group_key=group,
+        )
+        # The diagnosis is served, as in `make up`.
+        diagnosis = wait_for_pause("diagnose-queue-backlog", None, started, timeout=90)
+        paused = wait_for_pause("incident-response", "acknowledge", started)
+        yield BacklogIncident(group, started, run, diagnosis, paused)
+    finally:
+        backlog.undo()
+
+
 # --- MITIGATE: the diagnosis's proposal, approved (or rejected) in its run's form -------
 
 
@@ -382,25 +420,10 @@ def test_a_queue_backlog_incident_carries_out_exactly_the_approved_remediation(
 ) -> None:
     monkeypatch.setenv("RUNBOOK_ESCALATION_CONTACTS", contacts(("On-call engineer", 0, None)))
     replicas = live(kube, "celery-workers")["spec"]["replicas"]
-    group = f'{{}}:{{alertname="QueueBacklogHigh", test="{uuid.uuid4()}"}}'
-    incident = incident_id(group)
-    # A real backlog on the broker's list: 1500 Celery messages, 15 workers wanted.
-    backlog = conditions.push_celery_backlog(incidents.redis.url, 0, count=1500)
-    try:
-        started = time.time()
-        run = start_in_thread(
-            incident_response,
-            alertname="QueueBacklogHigh",
-            severity="warning",
-            labels={"runbook": "diagnose-queue-backlog", "queue": "celery"},
-            summary="Celery queue celery above 1000 messages",
-            fingerprint="ef56",
-            group_key=group,
-        )
-        # The diagnosis (served, as in `make up`) found it and waits at its approval; the
-        # incident's evidence says where to decide.
-        diagnosis = wait_for_pause("diagnose-queue-backlog", None, started, timeout=90)
-        paused = wait_for_pause("incident-response", "acknowledge", started)
+    with backlog_incident(incidents, "ef56") as backlog:
+        started, diagnosis, paused = backlog.started, backlog.diagnosis, backlog.paused
+        incident = incident_id(backlog.group)
+        # The incident's evidence says where to decide.
         evidence = str(read_artifacts(paused.id)["incident-evidence"].data)
         assert f"**Diagnosis:** `diagnose-queue-backlog` run `{diagnosis.name}`" in evidence
         assert "**Its remediation waits for approval**" in evidence
@@ -429,10 +452,8 @@ def test_a_queue_backlog_incident_carries_out_exactly_the_approved_remediation(
         broker.close()
 
         resume_flow_run(paused.id, run_input={"resolved_by": "carol"})
-        state = run.join(60)
+        state = backlog.run.join(60)
         assert state.is_completed(), state.message
-    finally:
-        backlog.undo()
 
     # The post-mortem records what was done and who approved it, or that nothing was.
     post_mortem = str(read_artifacts(paused.id)["post-mortem"].data)
@@ -452,28 +473,13 @@ def test_a_remediation_still_undecided_when_the_alert_resolves_is_withdrawn(
 ) -> None:
     monkeypatch.setenv("RUNBOOK_ESCALATION_CONTACTS", contacts(("On-call engineer", 0, None)))
     replicas = live(kube, "celery-workers")["spec"]["replicas"]
-    group = f'{{}}:{{alertname="QueueBacklogHigh", test="{uuid.uuid4()}"}}'
-    backlog = conditions.push_celery_backlog(incidents.redis.url, 0, count=1500)
-    try:
-        started = time.time()
-        run = start_in_thread(
-            incident_response,
-            alertname="QueueBacklogHigh",
-            severity="warning",
-            labels={"runbook": "diagnose-queue-backlog", "queue": "celery"},
-            summary="Celery queue celery above 1000 messages",
-            fingerprint="ef57",
-            group_key=group,
-        )
-        diagnosis = wait_for_pause("diagnose-queue-backlog", None, started, timeout=90)
-        paused = wait_for_pause("incident-response", "acknowledge", started)
+    with backlog_incident(incidents, "ef57") as backlog:
+        started, diagnosis, paused = backlog.started, backlog.diagnosis, backlog.paused
         resume_flow_run(paused.id, run_input={"acknowledged_by": "bob"})
         # Nobody decides on the scale; the alert resolves.
-        post_event("complianceagent.alert.resolved", f"complianceagent.alert.{group}", {})
-        state = run.join(90)
+        post_event("complianceagent.alert.resolved", f"complianceagent.alert.{backlog.group}", {})
+        state = backlog.run.join(90)
         assert state.is_completed(), state.message
-    finally:
-        backlog.undo()
 
     final = read_flow_run(diagnosis.id).state
     assert final.is_failed() and "nothing was changed" in final.message
