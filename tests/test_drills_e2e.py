@@ -30,6 +30,7 @@ import redis
 from deployments.catalog import load_catalog, to_runner_deployment
 from runbook.alert_events import FIRING, RESOLVED
 from runbook.decisions.incidents import incident_id
+from sandbox import conditions
 from sandbox.drills import ALERTS
 from sandbox.platform import Sandbox
 from tests.alert_helpers import alert_events_of, monitoring, running_bridge
@@ -183,12 +184,21 @@ def _held_sessions(platform: Sandbox) -> int:
     return int(row[0])
 
 
+def _report_keys(platform: Sandbox) -> int:
+    """The drill's cache values Redis still holds (its cache database, 1 in the sandbox)."""
+    cache = conditions.redis_client(platform.redis.url, 1)
+    try:
+        return len(cache.keys("cache:report:*"))
+    finally:
+        cache.close()
+
+
 CASES = [
     Case("latency", _latency_found),
     # Held 40 s: the approved termination must be what ends the sessions, long before the
     # drill would close them itself.
     Case("connections", _connections_found, approve=True, observe=_held_sessions, hold_seconds=40),
-    Case("redis-memory", _redis_found),
+    Case("redis-memory", _redis_found, approve=True, observe=_report_keys, hold_seconds=40),
     Case("queue-backlog", _backlog_found, approve=True),
 ]
 
@@ -218,7 +228,7 @@ def test_drill_alert_to_incident_to_diagnosis_to_resolution(
         )
 
         # The newcomer follows: acknowledges each incident the drill's alerts open and,
-        # for the backlog, approves the diagnosis's proposal in its run's form.
+        # where the case approves, then approves the diagnosis's proposal in its form.
         give_up = time.monotonic() + 160 + case.hold_seconds
         while True:
             drill = api.get(f"/flow_runs/{drill_run['id']}").raise_for_status().json()
@@ -232,7 +242,8 @@ def test_drill_alert_to_incident_to_diagnosis_to_resolution(
                         json={"run_input": {"acknowledged_by": NEWCOMER}},
                     ).raise_for_status()
                     acknowledged.add(run["id"])
-            if case.approve and not approved:
+            # As the runbook page orders it: acknowledged first, then mitigated.
+            if case.approve and acknowledged and not approved:
                 for run in _runs(api, f"diagnose-{case.issue}", started):
                     if _pause_key(run) and run["state"]["state_details"].get("run_input_keyset"):
                         approved = {"run": run, "plan": _form_description(api, run)}
@@ -292,6 +303,8 @@ def test_drill_alert_to_incident_to_diagnosis_to_resolution(
         _remediation_was_carried_out(platform, kube, approved, post_mortem, workers_before)
     elif case.issue == "connections":
         _sessions_were_ended(approved, post_mortem)
+    elif case.issue == "redis-memory":
+        _cache_keys_were_deleted(approved, post_mortem)
     else:
         assert "No mitigation carried out" in post_mortem
         assert _replicas(kube, "celery-workers") == workers_before
@@ -300,6 +313,18 @@ def test_drill_alert_to_incident_to_diagnosis_to_resolution(
         f"test {took:.0f} s ({len(incidents)} incident(s): "
         f"{', '.join(r['parameters']['alertname'] for r in incidents)})"
     )
+
+
+def _cache_keys_were_deleted(approved: dict[str, Any], post_mortem: str) -> None:
+    """The approved deletion removed exactly the keys its plan listed, while the drill
+    still held Redis full; the broker is another database and never part of a plan."""
+    assert approved, "the diagnosis never paused for its remediation"
+    plan = approved["plan"]
+    listed = set(re.findall(r"cache:report:\d+", plan))
+    assert listed and "celery" not in plan.replace("Celery broker", ""), plan
+    assert approved["drill_state"] == "RUNNING"
+    assert approved["observed"] == 20 - len(listed)  # the drill wrote 20
+    assert "Mitigation: Delete" in post_mortem and f"approved by {NEWCOMER}" in post_mortem
 
 
 def _sessions_were_ended(approved: dict[str, Any], post_mortem: str) -> None:

@@ -24,9 +24,6 @@ writes it to `.local/fault-matrix.md` and prints it at the end of the session.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
@@ -42,10 +39,8 @@ from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.flow_runs import resume_flow_run
-from prefect.settings import PREFECT_API_URL
 from psycopg import sql
 
-from deployments.catalog import PROJECT_ROOT
 from flows.backup import backup
 from runbook.decisions.maintenance import WINDOW_ANNOTATION, silences_of_run
 from runbook.fault_points import TERM_AT_VARIABLE
@@ -68,6 +63,7 @@ from tests.reconcile_helpers import (
     reconciled,
     recorded_intent_of,
     run_until_killed,
+    start_in_process,
 )
 from tests.release_helpers import NS, image_of, live, wait_settled, wait_until
 
@@ -602,30 +598,38 @@ def _prepared(case: Case, platform: Any) -> AbstractContextManager[dict[str, Any
     return case.prepare(platform) if case.prepare else nullcontext({})
 
 
+@contextmanager
+def _cell(case: Case, platform: Any, kube: Any) -> Iterator[tuple[dict[str, Any], Any]]:
+    """The case's preconditions, and (its context, the platform as it was before the run).
+    The locks a cell leaked are freed on the way out, after its invariants were read."""
+    if case.needs_backup:
+        assert backup(return_state=True).is_completed()
+    with _prepared(case, platform) as context:
+        before = _baseline(platform, kube)
+        try:
+            yield context, before
+        finally:
+            free_leaked_locks(*case.locks)
+
+
 # --- SIGKILL, then reconcile ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_sigkill_then_reconcile(clean: Any, kube: Any, case: Case) -> None:
     platform = clean
-    if case.needs_backup:
-        assert backup(return_state=True).is_completed()
-    with _prepared(case, platform) as context:
-        before = _baseline(platform, kube)
-        try:
-            run_id = run_until_killed(
-                case.module, case.flow, case.runbook, case.step, case.parameters, case.approve
-            )
-            result = reconciled()
-            freed = result["freed_locks"]
-            seen = Seen("SIGKILL + reconcile", run_id, result, context)
-            held = _invariants(platform, kube, case, before, seen)
-            # Read before any lease could expire: reconcile freed them (a migration's only
-            # once its Job ended: its case's checks run the second reconcile that does).
-            leaked = held_locks(case.locks)
-            held["locks free"] = leaked == []
-        finally:
-            free_leaked_locks(*case.locks)  # only after a cell that did not hold
+    with _cell(case, platform, kube) as (context, before):
+        run_id = run_until_killed(
+            case.module, case.flow, case.runbook, case.step, case.parameters, case.approve
+        )
+        result = reconciled()
+        freed = result["freed_locks"]
+        seen = Seen("SIGKILL + reconcile", run_id, result, context)
+        held = _invariants(platform, kube, case, before, seen)
+        # Read before any lease could expire: reconcile freed them (a migration's only
+        # once its Job ended: its case's checks run the second reconcile that does).
+        leaked = held_locks(case.locks)
+        held["locks free"] = leaked == []
     note = (
         f"lease of {', '.join(leaked)} still held after reconcile"
         if leaked
@@ -642,13 +646,9 @@ def test_sigkill_then_reconcile(clean: Any, kube: Any, case: Case) -> None:
 def run_until_terminated(case: Case) -> tuple[UUID, int, StateType | None]:
     """Run the case's flow in its own process that gets SIGTERM at the step; returns the
     run's id, the process's exit code and the run's final state type."""
-    code = f"from {case.module} import {case.flow}; {case.flow}(**{case.parameters!r})"
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-        TERM_AT_VARIABLE: case.step,
-    }
-    process = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=PROJECT_ROOT)
+    process = start_in_process(
+        case.module, case.flow, case.parameters, **{TERM_AT_VARIABLE: case.step}
+    )
     try:
         for name in case.approve:
             resume_flow_run(wait_for_paused_run(name, timeout=120).id, run_input=APPROVE)
@@ -673,19 +673,13 @@ def _newest_run(flow_name: str) -> Any:
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_sigterm_runs_the_runbooks_own_undo(clean: Any, kube: Any, case: Case) -> None:
     platform = clean
-    if case.needs_backup:
-        assert backup(return_state=True).is_completed()
-    with _prepared(case, platform) as context:
-        before = _baseline(platform, kube)
-        try:
-            run_id, exit_code, final = run_until_terminated(case)
-            assert exit_code != 0, f"{case.step}: the run finished, SIGTERM never arrived"
-            assert final not in (StateType.RUNNING, StateType.COMPLETED, StateType.PAUSED), final
-            seen = Seen("SIGTERM (own undo)", run_id, None, context)
-            held = _invariants(platform, kube, case, before, seen)
-            held["locks free"] = held_locks(case.locks) == []
-        finally:
-            free_leaked_locks(*case.locks)
+    with _cell(case, platform, kube) as (context, before):
+        run_id, exit_code, final = run_until_terminated(case)
+        assert exit_code != 0, f"{case.step}: the run finished, SIGTERM never arrived"
+        assert final not in (StateType.RUNNING, StateType.COMPLETED, StateType.PAUSED), final
+        seen = Seen("SIGTERM (own undo)", run_id, None, context)
+        held = _invariants(platform, kube, case, before, seen)
+        held["locks free"] = held_locks(case.locks) == []
     _record(
         case,
         "SIGTERM (own undo)",
