@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -80,18 +81,52 @@ def _deployment_id(api: str) -> str:
         return str(answer.json()["id"])
 
 
-def _singles(api: str, deployment_id: str) -> list[float]:
+class _Launcher:
+    """`POST create_flow_run` as Prefect's own client sends it: a 503 is retried with
+    backoff (counted); any other failure is counted by kind and loses the run."""
+
+    def __init__(self, api: str, deployment_id: str) -> None:
+        self.url = f"{api}/deployments/{deployment_id}/create_flow_run"
+        self.answered_503 = 0
+        self.failures: Counter[str] = Counter()
+        self._counting = threading.Lock()  # the burst launches from several threads
+
+    def launch(self, _: int = 0) -> tuple[str | None, float]:
+        """(the run's id or None when lost, when the first POST was sent)."""
+        with httpx.Client(timeout=60) as client:
+            sent = time.time()
+            for attempt in range(RETRIES + 1):
+                try:
+                    reply = client.post(self.url, json={"parameters": {}})
+                except httpx.HTTPError as error:
+                    self._count_failure(type(error).__name__)
+                    return None, sent
+                if reply.status_code == 503 and attempt < RETRIES:
+                    with self._counting:
+                        self.answered_503 += 1
+                    time.sleep(2**attempt * (0.5 + random.random()))
+                    continue
+                if reply.status_code != 201:
+                    self._count_failure(f"HTTP {reply.status_code}")
+                    return None, sent
+                return str(reply.json()["id"]), sent
+        return None, sent
+
+    def _count_failure(self, kind: str) -> None:
+        with self._counting:
+            self.failures[kind] += 1
+
+
+def _singles(api: str, deployment_id: str) -> dict[str, Any]:
     """POST → Running of one run at a time on the idle server (what a person pressing
     Run sees), each waited for until it ends before the next."""
+    launcher = _Launcher(api, deployment_id)
     latencies = []
     with httpx.Client(base_url=api, timeout=60) as client:
         for _ in range(SINGLES):
-            sent = time.time()
-            reply = client.post(
-                f"/deployments/{deployment_id}/create_flow_run", json={"parameters": {}}
-            )
-            reply.raise_for_status()
-            run_id = reply.json()["id"]
+            run_id, sent = launcher.launch()
+            if run_id is None:
+                continue
             give_up = time.monotonic() + 120
             while time.monotonic() < give_up:
                 run = client.get(f"/flow_runs/{run_id}").json()
@@ -100,33 +135,16 @@ def _singles(api: str, deployment_id: str) -> list[float]:
                 time.sleep(0.2)
             if run.get("start_time"):
                 latencies.append(_seconds(run["start_time"]) - sent)
-    return latencies
+    return {
+        "latencies": latencies,
+        "answered_503": launcher.answered_503,
+        "failures": dict(launcher.failures),
+    }
 
 
 def _burst(api: str, deployment_id: str) -> dict[str, Any]:
-    failures: Counter[str] = Counter()
-    answered_503 = [0]
-
-    def launch(_: int) -> tuple[str | None, float]:
-        with httpx.Client(base_url=api, timeout=60) as client:
-            sent = time.time()
-            for attempt in range(RETRIES + 1):
-                try:
-                    reply = client.post(
-                        f"/deployments/{deployment_id}/create_flow_run", json={"parameters": {}}
-                    )
-                except httpx.HTTPError as error:
-                    failures[type(error).__name__] += 1
-                    return None, sent
-                if reply.status_code == 503 and attempt < RETRIES:
-                    answered_503[0] += 1
-                    time.sleep(2**attempt * (0.5 + random.random()))
-                    continue
-                if reply.status_code != 201:
-                    failures[f"HTTP {reply.status_code}"] += 1
-                    return None, sent
-                return reply.json()["id"], sent
-        return None, sent
+    launcher = _Launcher(api, deployment_id)
+    launch = launcher.launch
 
     started = time.time()
     with ThreadPoolExecutor(CLIENTS) as pool:
@@ -163,8 +181,8 @@ def _burst(api: str, deployment_id: str) -> dict[str, Any]:
         "all_complete_s": (max(ends) - started) if ends else float("nan"),
         "p50_s": statistics.median(latencies) if latencies else float("nan"),
         "p95_s": _percentile(latencies, 0.95) if latencies else float("nan"),
-        "post_failures": dict(failures),
-        "answered_503": answered_503[0],
+        "post_failures": dict(launcher.failures),
+        "answered_503": launcher.answered_503,
     }
 
 
@@ -214,12 +232,19 @@ def main() -> None:
     results = {}
     for database in ("sqlite", "postgres"):
         r = results[database] = run_on(database)
-        single = statistics.median(r["singles"]) if r["singles"] else float("nan")
+        singles = r["singles"]
+        single = statistics.median(singles["latencies"]) if singles["latencies"] else float("nan")
         print(
             f"   {database:<10} {single:>25.2f} s       | {int(r['lost']):>10}  "
             f"{r['all_complete_s']:>9.1f} s  {r['p50_s']:>5.1f} s  {r['p95_s']:>5.1f} s"
             f"   (launched {int(r['launched'])}; 503s retried: {r['answered_503']};"
             f" failed POSTs: {r['post_failures'] or 'none'})",
+            flush=True,
+        )
+        print(
+            f"   {'':<10} one at a time: n={len(singles['latencies'])}, "
+            f"max {max(singles['latencies'], default=float('nan')):.2f} s, 503s retried: "
+            f"{singles['answered_503']}, failed POSTs: {singles['failures'] or 'none'}",
             flush=True,
         )
     sqlite, postgres = results["sqlite"], results["postgres"]
