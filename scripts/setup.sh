@@ -10,8 +10,9 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 command -v zstd >/dev/null 2>&1 || missing+=(zstd)  # bench.data: the raw and peer pipelines
 # The sandbox's Alertmanager (maintenance windows silence alerts there); Debian names the
-# binary prometheus-alertmanager; the sandbox starts its own on loopback.
-[ -x /usr/bin/prometheus-alertmanager ] || missing+=(prometheus-alertmanager)
+# binary prometheus-alertmanager (and amtool, which checks monitoring/alertmanager.yml in
+# `make test`); the sandbox starts its own on loopback.
+{ [ -x /usr/bin/prometheus-alertmanager ] && [ -x /usr/bin/amtool ]; } || missing+=(prometheus-alertmanager)
 # The sandbox's Prometheus (scrapes the backend stand-in, evaluates monitoring/rules) and
 # promtool (the rules' unit tests in `make test`).
 { [ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ]; } || missing+=(prometheus)
