@@ -16,6 +16,7 @@ from tasks.locks import lock_name
 from tests.backup_helpers import stored_by_the_server
 from tests.helpers import read_artifacts, start_in_thread, wait_for_paused_run
 from tests.release_helpers import NS, live, wait_settled, wait_until
+from tests.test_fault_matrix import _job_active, _migration_blocked
 
 APPROVE = {"approve": True, "approver": "grace", "reason": "CHG-11"}
 
@@ -192,14 +193,16 @@ def database_lock():
 
 
 def test_it_holds_the_database_lock_the_backup_runbooks_share(platform, kube):
-    kube.job_delay = 3  # the migration runs long enough to look at the lock meanwhile
-    run = start_in_thread(migrations, require_maintenance_mode=False)
-    resume_flow_run(wait_for_paused_run("migrations").id, run_input=APPROVE)
-    wait_until(lambda: [w.method for w in kube.writes] == ["POST"], "the Job was created")
+    # The migration waits behind a table lock: the lock is looked at while it surely runs.
+    with _migration_blocked(platform) as blocked:
+        run = start_in_thread(migrations, require_maintenance_mode=False)
+        resume_flow_run(wait_for_paused_run("migrations").id, run_input=APPROVE)
+        wait_until(lambda: [w.method for w in kube.writes] == ["POST"], "the Job was created")
 
-    held = database_lock()
-    assert kube.writes[-1].method == "POST"  # the Job is still running: nothing deleted yet
-    state = run.join()
+        held = database_lock()
+        assert kube.writes[-1].method == "POST"  # the Job is still running: nothing deleted yet
+        blocked["release"]()
+        state = run.join()
 
     assert state.is_completed(), state.message
     assert held.limit == 1 and held.active_slots == 1  # held while the migration ran
@@ -207,13 +210,19 @@ def test_it_holds_the_database_lock_the_backup_runbooks_share(platform, kube):
 
 
 def test_a_job_still_running_is_never_deleted(platform, kube):
-    kube.job_delay = 60  # the migration is still running when the wait fails
     kube.inject_fault("GET", r"/jobs/backend-migrate-[a-z0-9]+$", status=404, times=1)
 
-    _, state = run_approved(require_maintenance_mode=False)
+    # The migration waits behind a table lock, so its Job is surely still running when
+    # the run's wait fails (however fast the machine runs alembic).
+    with _migration_blocked(platform) as blocked:
+        _, state = run_approved(require_maintenance_mode=False)
 
-    assert state.is_failed()
-    assert "read job/backend-migrate-" in state.message and "404" in state.message
-    [(method, _, name)] = job_writes(kube)  # created, never deleted
-    assert method == "POST"
-    assert kube.get("batch/v1", "Job", NS, name)["status"]["active"] == 1
+        assert state.is_failed()
+        assert "read job/backend-migrate-" in state.message and "404" in state.message
+        [(method, _, name)] = job_writes(kube)  # created, never deleted
+        assert method == "POST"
+        assert _job_active(kube.get("batch/v1", "Job", NS, name))
+
+        blocked["release"]()
+        wait_until(lambda: not _job_active(kube.get("batch/v1", "Job", NS, name)), "it ends", 60)
+    assert job_writes(kube) == [(method, _, name)]  # still never deleted
