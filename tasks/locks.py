@@ -290,7 +290,9 @@ def retake_lease(record: LeaseRecord, seconds: float) -> LeaseRecord | None:
     (the old one deleted), or None when another run has taken the lock meanwhile.
 
     No retries: a retry after a grant whose answer was lost would find the lock taken (by
-    that unrecorded grant, which expires by itself) and report it as another run's."""
+    that unrecorded grant, which expires by itself) and report it as another run's.
+    The client's raw request, not `_acquire`: Prefect's acquisition hands its lease to
+    the calling run to release when that run ends, and this lease must outlive reconcile."""
     holder = ConcurrencyLeaseHolder(type="flow_run", id=UUID(record.run_id))
     try:
         with get_client(sync_client=True) as prefect_api:
